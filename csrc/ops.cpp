@@ -1,0 +1,38 @@
+// The fastlm_C operator library: every schema lives here; each backend file (cpu/*.cpp,
+// cuda/*.cpp) registers its own dispatch key with TORCH_LIBRARY_IMPL. The Python module `fastlm._C`
+// is an empty stub whose import loads this shared library and so runs the registrations.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace {
+bool set_poison_outputs(bool enable) {
+  bool previous = fastlm::poison_outputs_flag();
+  fastlm::poison_outputs_flag() = enable;
+  return previous;
+}
+}  // namespace
+
+TORCH_LIBRARY(fastlm_C, m) {
+  // Test hook: outputs of every kernel are NaN-filled before it runs; returns the previous setting.
+  m.def("set_poison_outputs(bool enable) -> bool", &set_poison_outputs);
+  // LayerNorm over the last dim of x (M, N), optionally on summed = x + residual (returned; empty
+  // when residual is None). mean and rstd are (M,) fp32, saved for the backward.
+  m.def("layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor out, Tensor summed, Tensor mean, Tensor rstd)");
+  // Backward of the above: x is the normalized input (summed for add_layer_norm). dsummed, when
+  // given, is added to dx (the gradient that reaches summed directly). dweight/dbias are empty when
+  // weight is None / has_bias is false.
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dsummed,"
+        " bool has_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+}
+
+extern "C" {
+// A minimal module object: importing fastlm._C loads the library; the ops are reached as
+// torch.ops.fastlm_C.<name>.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastlm C++/CUDA operators", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,11 @@
+"""fastlm's functional ops: drop-in replacements for the torch functions they name, with autograd,
+registered as torch.library ops (fastlm::*) so torch.compile(fullgraph=True) traces them.
+
+Each op family lives in its own module (layer_norm.py, ...): torch.library ops with their fake impls
+and autograd, then the public functions, which check their arguments (TypeError/ValueError naming the
+argument), reshape to what the kernels take and call the op; the op picks the backend per call
+(fastlm.backends). This module only re-exports the public functions.
+"""
+from fastlm.ops.layer_norm import add_layer_norm, layer_norm
+
+__all__ = ["layer_norm", "add_layer_norm"]

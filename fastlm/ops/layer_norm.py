@@ -1,0 +1,177 @@
+"""The LayerNorm family as torch.library ops: fastlm::layer_norm_fwd / fastlm::layer_norm_bwd.
+
+Both take rows (M, N) (the functional API in fastlm.ops flattens the leading dims), pick a backend per
+call (fastlm.backends.select), and have fake impls so torch.compile(fullgraph=True) traces them.
+The forward covers `layer_norm` (residual=None) and `add_layer_norm` (summed = x + residual, fused);
+autograd is registered on the forward and calls the backward op.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fastlm import backends
+from fastlm.ops import _checks, reference
+
+OP_LAYER_NORM, OP_ADD_LAYER_NORM = "layer_norm", "add_layer_norm"
+_CPP_OPS = ("layer_norm_fwd", "layer_norm_bwd")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+for _op in (OP_LAYER_NORM, OP_ADD_LAYER_NORM):
+    backends.register_op(_op, ("reference", "cpu", "cuda", "triton"), cpp_ops=_CPP_OPS)
+
+
+def _supports(x: Tensor, params: tuple[Optional[Tensor], ...]):
+    """What the kernels (cpu, cuda, triton) take: fp32/fp16/bf16, parameters of the input's dtype,
+    at least one column. The reference backend takes anything F.layer_norm takes."""
+    def check(backend: str) -> str | None:
+        if backend == "reference":
+            return None
+        if x.dtype not in _KERNEL_DTYPES:
+            return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
+        if any(p is not None and p.dtype != x.dtype for p in params):
+            return "weight/bias dtype differs from the input's"
+        if x.shape[-1] == 0:
+            return "empty normalized shape"
+        return None
+    return check
+
+
+def _triton():
+    from fastlm.kernels import layer_norm as kernels  # imported on first use only
+    return kernels
+
+
+def _fwd_impl(backend: str):
+    if backend == "reference":
+        return reference.layer_norm_fwd_ref
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastlm_C.layer_norm_fwd
+    return _triton().layer_norm_fwd
+
+
+def _bwd_impl(backend: str):
+    if backend == "reference":
+        return reference.layer_norm_bwd_ref
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastlm_C.layer_norm_bwd
+    return _triton().layer_norm_bwd
+
+
+@torch.library.custom_op("fastlm::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual: (M, N) with a contiguous last dim -> (out, summed, mean, rstd); see reference."""
+    op = OP_ADD_LAYER_NORM if residual is not None else OP_LAYER_NORM
+    backend = backends.select(op, x.device, _supports(x, (weight, bias)))
+    return tuple(_fwd_impl(backend)(x, residual, weight, bias, eps))
+
+
+@layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps):
+    M, N = x.shape
+    stat = torch.promote_types(x.dtype, torch.float32)
+    return (x.new_empty((M, N)), x.new_empty((M if residual is not None else 0, N)),
+            x.new_empty((M,), dtype=stat), x.new_empty((M,), dtype=stat))
+
+
+@torch.library.custom_op("fastlm::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   dsummed: Optional[Tensor], has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx, dweight, dbias); dweight/dbias are empty (0,) when weight is None / has_bias is False."""
+    op = OP_ADD_LAYER_NORM if dsummed is not None else OP_LAYER_NORM
+    backend = backends.select(op, x.device, _supports(x, (weight,)))
+    return tuple(_bwd_impl(backend)(dy, x, weight, mean, rstd, dsummed, has_bias))
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, dsummed, has_bias):
+    N = x.shape[1]
+    return (x.new_empty(x.shape), x.new_empty((N if weight is not None else 0,)),
+            x.new_empty((N if has_bias else 0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    out, summed, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(summed if residual is not None else x, weight, mean, rstd)
+
+
+def _backward(ctx, dout, dsummed, _dmean, _drstd):
+    xn, weight, mean, rstd = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(xn)
+    dout = dout.contiguous()
+    if ctx.has_residual and dsummed is not None:
+        dsummed = dsummed.contiguous()
+    else:
+        dsummed = None
+    dx, dw, db = layer_norm_bwd(dout, xn, weight, mean, rstd, dsummed, ctx.has_bias)
+    return (dx, dx if ctx.has_residual else None, dw if weight is not None else None,
+            db if ctx.has_bias else None, None)
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- functional API (re-exported by fastlm.ops) ----
+
+_Shape = Union[int, Sequence[int], torch.Size]
+
+
+def _ln_args(op: str, input, normalized_shape: _Shape, weight, bias) -> tuple[int, Optional[Tensor], Optional[Tensor]]:
+    _checks.tensor(op, "input", input)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    try:
+        normalized_shape = tuple(int(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(f"fastlm.ops.{op}: normalized_shape must be an int or a sequence of ints, "
+                        f"got {normalized_shape!r}") from None
+    k = len(normalized_shape)
+    if k == 0 or k > input.dim() or tuple(input.shape[-k:]) != normalized_shape:
+        raise ValueError(f"fastlm.ops.{op}: normalized_shape {list(normalized_shape)} does not match the "
+                         f"trailing dims of input of shape {list(input.shape)}")
+    n = 1
+    for s in normalized_shape:
+        n *= s
+    flat = []
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            flat.append(None)
+            continue
+        _checks.tensor(op, name, p)
+        _checks.shape(op, name, p, normalized_shape)
+        _checks.same_device(op, name, p, input)
+        flat.append(p.reshape(n) if p.is_contiguous() else p.contiguous().reshape(n))
+    return n, flat[0], flat[1]
+
+
+def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """== torch.nn.functional.layer_norm.
+
+    y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the trailing `normalized_shape` dims.
+    input: (*, *normalized_shape), fp32/fp16/bf16 (fp64 falls back to the reference);
+    weight, bias: normalized_shape or None. Returns input's shape and dtype. Statistics in fp32."""
+    n, w, b = _ln_args("layer_norm", input, normalized_shape, weight, bias)
+    out, _, _, _ = layer_norm_fwd(_checks.rows(input, n), None, w, b, float(eps))
+    return out.view(input.shape)
+
+
+def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Residual add fused with LayerNorm, one pass over memory.
+
+    summed = input + residual (in input's dtype); out = F.layer_norm(summed, normalized_shape, weight,
+    bias, eps). input, residual: same shape, dtype and device. Returns (out, summed)."""
+    n, w, b = _ln_args("add_layer_norm", input, normalized_shape, weight, bias)
+    _checks.tensor("add_layer_norm", "residual", residual)
+    _checks.shape("add_layer_norm", "residual", residual, tuple(input.shape))
+    _checks.same_device("add_layer_norm", "residual", residual, input)
+    _checks.same_dtype("add_layer_norm", "residual", residual, input)
+    out, summed, _, _ = layer_norm_fwd(_checks.rows(input, n), _checks.rows(residual, n), w, b, float(eps))
+    return out.view(input.shape), summed.view(input.shape)
