@@ -63,3 +63,138 @@ def layer_norm_bwd_ref(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tenso
     dweight = (dyc * xhat).sum(0).to(x.dtype) if weight is not None else empty
     dbias = dyc.sum(0).to(x.dtype) if has_bias else empty
     return dx.to(x.dtype), dweight, dbias
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Scaled dot-product attention (flash attention, issue 3)
+# --------------------------------------------------------------------------------------------------
+# Kernel-level shapes: q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), H % Hkv == 0 (query
+# head h reads kv head h // (H // Hkv), as torch's enable_gqa / repeat_interleave); mask: additive, a
+# floating tensor broadcastable to (B, H, Sq, Sk) (the functional API turns bool masks into 0/-inf),
+# or None; causal: top-left aligned like torch (query i sees keys j <= i). A row that sees no key
+# (fully masked) gives zeros and lse = -inf, as torch's SDPA does.
+# Dropout: keep[b, h, i, j] comes from a counter-based RNG (Philox-4x32-10, below) keyed by
+# rng = (seed, offset), an int64 tensor (2,) drawn from torch's generator; every backend makes the
+# same mask from the same rng, and the backward regenerates it (never stored).
+
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of a * b for uint32 values held in int64 tensors (no int64 overflow)."""
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    ll, lh, hl, hh = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi
+    mid = (ll >> 16) + (lh & 0xFFFF) + (hl & 0xFFFF)
+    hi = hh + (lh >> 16) + (hl >> 16) + (mid >> 16)
+    lo = (ll & 0xFFFF) | ((mid & 0xFFFF) << 16)
+    return hi & _U32, lo
+
+
+def philox_uint32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int) -> Tensor:
+    """First output word of Philox-4x32-10 for the counter (c0, c1, c2, c3) and key (k0, k1); int64
+    tensors holding uint32 values. The C++ (csrc/cuda/attention_math.h) and Triton versions match it."""
+    c0, c1, c2, c3 = (torch.as_tensor(c) & _U32 for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = (hi1 ^ c1 ^ k0) & _U32, lo1, (hi0 ^ c3 ^ k1) & _U32, lo0
+        k0, k1 = (k0 + _PHILOX_W0) & _U32, (k1 + _PHILOX_W1) & _U32
+    return c0
+
+
+def attention_dropout_keep_ref(rng: Tensor, dropout_p: float, B: int, H: int, Sq: int, Sk: int,
+                               device=None) -> Tensor:
+    """The dropout keep mask (B, H, Sq, Sk) bool that every backend draws for rng = (seed, offset):
+    counter (j, i, b * H + h, offset), key (seed & 0xffffffff, seed >> 32); an element is kept when
+    the top 24 bits of the Philox word, as a uniform u in [0, 1), satisfy u >= dropout_p."""
+    seed, offset = (int(x) for x in rng.tolist())
+    dev = device if device is not None else rng.device
+    j = torch.arange(Sk, device=dev, dtype=torch.int64).view(1, 1, Sk)
+    i = torch.arange(Sq, device=dev, dtype=torch.int64).view(1, Sq, 1)
+    bh = torch.arange(B * H, device=dev, dtype=torch.int64).view(B * H, 1, 1)
+    u = philox_uint32(j, i, bh, torch.tensor(offset, device=dev), seed & _U32, (seed >> 32) & _U32)
+    keep = (u >> 8).to(torch.float64) * (1.0 / (1 << 24)) >= dropout_p
+    return keep.view(B, H, Sq, Sk)
+
+
+def _attention_scores(q, k, mask, scale, is_causal, ct):
+    """-> scores (B, H, Sq, Sk) in ct, with k expanded over the GQA groups."""
+    B, H, Sq, D = q.shape
+    group = H // k.shape[1]
+    kc = k.to(ct).repeat_interleave(group, dim=1) if group > 1 else k.to(ct)
+    s = torch.matmul(q.to(ct), kc.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.to(ct)
+    if is_causal:
+        Sk = k.shape[2]
+        causal = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+    return s
+
+
+def attention_fwd_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, is_causal: bool,
+                      dropout_p: float = 0.0, rng: Tensor | None = None, upcast: bool = True,
+                      dropout_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """-> out (B, H, Sq, Dv) in q.dtype, lse (B, H, Sq) fp32 (fp64 for fp64 inputs): the logsumexp of
+    each row of scores, -inf for a row that sees no key.
+       s = scale * q k^T + mask (causal: -inf above the diagonal),  p = exp(s - lse),
+       out = (p * keep / (1 - dropout_p)) @ v
+    dropout_keep: the keep mask to use instead of drawing one from rng (testing hook)."""
+    ct = _compute_dtype(q.dtype, upcast)
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    group = H // k.shape[1]
+    s = _attention_scores(q, k, mask, scale, is_causal, ct)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse)[..., None], 0.0))
+    p = p.masked_fill(torch.isinf(lse)[..., None], 0.0)
+    if dropout_p > 0.0:
+        keep = dropout_keep if dropout_keep is not None else attention_dropout_keep_ref(rng, dropout_p, B, H, Sq, Sk, q.device)
+        p = p * keep.to(ct) * (1.0 / (1.0 - dropout_p))
+    vc = v.to(ct).repeat_interleave(group, dim=1) if group > 1 else v.to(ct)
+    out = torch.matmul(p, vc)
+    stat = torch.promote_types(ct, torch.float32)
+    return out.to(q.dtype), lse.to(stat)
+
+
+def attention_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      mask: Tensor | None, scale: float, is_causal: bool, dropout_p: float = 0.0,
+                      rng: Tensor | None = None, upcast: bool = True,
+                      dropout_keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of attention_fwd_ref from the saved lse (p is recomputed, as the kernels do).
+    -> dq (B, H, Sq, D), dk (B, Hkv, Sk, D), dv (B, Hkv, Sk, Dv) in the inputs' dtypes.
+       pd = p * keep / (1 - p_drop),  dv = pd^T dout,  dpd = dout v^T,  dp = dpd * keep / (1 - p_drop)
+       delta = rowsum(dout * out),  ds = p * (dp - delta),  dq = scale ds k,  dk = scale ds^T q
+    with dk, dv summed over each GQA group."""
+    ct = _compute_dtype(q.dtype, upcast)
+    B, H, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    s = _attention_scores(q, k, mask, scale, is_causal, ct)
+    dead = torch.isinf(lse)[..., None]
+    p = torch.exp(s - lse.to(ct)[..., None].masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
+    doc = dout.to(ct)
+    kc = k.to(ct).repeat_interleave(group, dim=1) if group > 1 else k.to(ct)
+    vc = v.to(ct).repeat_interleave(group, dim=1) if group > 1 else v.to(ct)
+    dp = torch.matmul(doc, vc.transpose(-1, -2))
+    if dropout_p > 0.0:
+        keep = dropout_keep if dropout_keep is not None else attention_dropout_keep_ref(rng, dropout_p, B, H, Sq, Sk, q.device)
+        drop = keep.to(ct) * (1.0 / (1.0 - dropout_p))
+        pd = p * drop
+        dp = dp * drop
+    else:
+        pd = p
+    dv = torch.matmul(pd.transpose(-1, -2), doc)
+    delta = (doc * out.to(ct)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, kc) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(ct)) * scale
+    if group > 1:
+        dk = dk.view(B, Hkv, group, Sk, -1).sum(2)
+        dv = dv.view(B, Hkv, group, Sk, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
