@@ -8,6 +8,8 @@ Shapes are the ones the kernels see: rows (M, N) for LayerNorm.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -198,3 +200,89 @@ def attention_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         dk = dk.view(B, Hkv, group, Sk, -1).sum(2)
         dv = dv.view(B, Hkv, group, Sk, -1).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# GELU feed-forward: linear_gelu (Linear + bias + GELU) and gelu_ffn (Linear + GELU + Linear)
+# --------------------------------------------------------------------------------------------------
+
+_GELU_APPROX = ("none", "tanh")
+
+
+def gelu_ref(h: Tensor, approximate: str) -> Tensor:
+    """GELU in h's dtype. "none": h * Phi(h) = 0.5 h (1 + erf(h / sqrt 2));
+    "tanh": 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))."""
+    return torch.nn.functional.gelu(h, approximate=approximate)
+
+
+def gelu_grad_ref(h: Tensor, approximate: str) -> Tensor:
+    """d GELU(h) / dh in h's dtype.
+    "none": Phi(h) + h phi(h), phi(h) = exp(-h^2/2) / sqrt(2 pi).
+    "tanh": 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2), t = tanh(u)."""
+    if approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (h + 0.044715 * h * h * h))
+        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * k * (1 + 3 * 0.044715 * h * h)
+    return 0.5 * (1 + torch.erf(h * (1 / math.sqrt(2.0)))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
+
+
+def _linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, ct: torch.dtype) -> Tensor:
+    h = x.to(ct) @ weight.to(ct).t()
+    return h + bias.to(ct) if bias is not None else h
+
+
+def linear_gelu_fwd_ref(x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str, save_pre: bool,
+                        upcast: bool = True) -> tuple[Tensor, Tensor]:
+    """x: (M, K), weight: (N, K), bias: (N,) or None.
+    -> out = gelu(x @ weight^T + bias) (M, N) x.dtype, and pre = x @ weight^T + bias (M, N) x.dtype, the
+    pre-activation the backward needs ((0, N) when save_pre is False)."""
+    h = _linear_ref(x, weight, bias, _compute_dtype(x.dtype, upcast))
+    pre = h.to(x.dtype) if save_pre else x.new_empty((0, weight.shape[0]))
+    return gelu_ref(h, approximate).to(x.dtype), pre
+
+
+def linear_gelu_bwd_ref(dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approximate: str, has_bias: bool,
+                        upcast: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of linear_gelu_fwd_ref. dy, pre: (M, N); x: (M, K); weight: (N, K).
+       dpre = dy * gelu'(pre),  dx = dpre @ weight,  dweight = dpre^T @ x,  dbias = sum_rows(dpre)
+    -> dx (M, K), dweight (N, K), dbias (N,) (empty (0,) when has_bias is False), all in x.dtype."""
+    ct = _compute_dtype(x.dtype, upcast)
+    dpre = dy.to(ct) * gelu_grad_ref(pre.to(ct), approximate)
+    dx = dpre @ weight.to(ct)
+    dweight = dpre.t() @ x.to(ct)
+    dbias = dpre.sum(0).to(x.dtype) if has_bias else x.new_empty((0,))
+    return dx.to(x.dtype), dweight.to(x.dtype), dbias
+
+
+def gelu_ffn_fwd_ref(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                     fc2_bias: Tensor | None, approximate: str, save_pre: bool,
+                     upcast: bool = True) -> tuple[Tensor, Tensor]:
+    """x: (M, K), fc1_weight: (F, K), fc1_bias: (F,) or None, fc2_weight: (N, F), fc2_bias: (N,) or None.
+    -> out = gelu(x @ fc1_weight^T + fc1_bias) @ fc2_weight^T + fc2_bias (M, N) x.dtype, and the hidden
+    pre-activation pre (M, F) x.dtype ((0, F) when save_pre is False). upcast=True keeps the hidden
+    activation unrounded; upcast=False computes everything in x.dtype, as eager PyTorch does."""
+    ct = _compute_dtype(x.dtype, upcast)
+    h = _linear_ref(x, fc1_weight, fc1_bias, ct)
+    pre = h.to(x.dtype) if save_pre else x.new_empty((0, fc1_weight.shape[0]))
+    out = _linear_ref(gelu_ref(h, approximate), fc2_weight, fc2_bias, ct)
+    return out.to(x.dtype), pre
+
+
+def gelu_ffn_bwd_ref(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, pre: Tensor, approximate: str,
+                     has_fc1_bias: bool, has_fc2_bias: bool,
+                     upcast: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of gelu_ffn_fwd_ref. dy: (M, N); pre: (M, F), the saved hidden pre-activation.
+       act = gelu(pre),  dfc2_weight = dy^T @ act,  dfc2_bias = sum_rows(dy),
+       dpre = (dy @ fc2_weight) * gelu'(pre),  dfc1_weight = dpre^T @ x,  dfc1_bias = sum_rows(dpre),
+       dx = dpre @ fc1_weight
+    -> (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias) in x.dtype; absent biases give empty (0,)."""
+    ct = _compute_dtype(x.dtype, upcast)
+    p, dyc = pre.to(ct), dy.to(ct)
+    act = gelu_ref(p, approximate)
+    dw2 = dyc.t() @ act
+    db2 = dyc.sum(0).to(x.dtype) if has_fc2_bias else x.new_empty((0,))
+    dpre = (dyc @ fc2_weight.to(ct)) * gelu_grad_ref(p, approximate)
+    dw1 = dpre.t() @ x.to(ct)
+    db1 = dpre.sum(0).to(x.dtype) if has_fc1_bias else x.new_empty((0,))
+    dx = dpre @ fc1_weight.to(ct)
+    return dx.to(x.dtype), dw1.to(x.dtype), db1, dw2.to(x.dtype), db2
