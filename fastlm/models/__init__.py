@@ -1,0 +1,1 @@
+from fastlm.models.bert import Bert  # noqa: F401
