@@ -30,4 +30,33 @@ FASTLM_HD void welford_merge(float& count, float& mean, float& m2, float count_b
   count = n;
 }
 
+// GELU and its derivative, exact (erf: BERT) and tanh-approximated (GPT-2) forms:
+//   exact: gelu(x) = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)),  gelu'(x) = Phi(x) + x phi(x),
+//          phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+//   tanh:  gelu(x) = 0.5 x (1 + t),  t = tanh(u),  u = sqrt(2/pi) (x + 0.044715 x^3),
+//          gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+// The vectorized CPU passes use the same formulas on at::vec (cpu/gelu_ffn.cpp).
+constexpr float kGeluSqrt1_2 = 0.70710678118654752440f;    // 1 / sqrt(2)
+constexpr float kGeluInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
+constexpr float kGeluSqrt2OverPi = 0.79788456080286535588f; // sqrt(2 / pi)
+constexpr float kGeluCoeff = 0.044715f;
+
+FASTLM_HD float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * kGeluSqrt1_2)); }
+
+FASTLM_HD float gelu_erf_grad(float x) {
+  return 0.5f * (1.f + erff(x * kGeluSqrt1_2)) + x * kGeluInvSqrt2Pi * expf(-0.5f * x * x);
+}
+
+FASTLM_HD float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + tanhf(kGeluSqrt2OverPi * (x + kGeluCoeff * x * x * x)));
+}
+
+FASTLM_HD float gelu_tanh_grad(float x) {
+  const float t = tanhf(kGeluSqrt2OverPi * (x + kGeluCoeff * x * x * x));
+  return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kGeluSqrt2OverPi * (1.f + 3.f * kGeluCoeff * x * x);
+}
+
+FASTLM_HD float gelu(float x, bool tanh_approx) { return tanh_approx ? gelu_tanh(x) : gelu_erf(x); }
+FASTLM_HD float gelu_grad(float x, bool tanh_approx) { return tanh_approx ? gelu_tanh_grad(x) : gelu_erf_grad(x); }
+
 }  // namespace fastlm

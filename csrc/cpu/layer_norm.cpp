@@ -17,7 +17,7 @@
 
 #include "common.h"
 #include "cpu/vec_utils.h"
-#include "math.h"
+#include "fastlm_math.h"
 
 namespace fastlm::cpu {
 namespace {
