@@ -26,6 +26,13 @@ TORCH_LIBRARY(fastlm_C, m) {
   // weight is None / has_bias is false.
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dsummed,"
         " bool has_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // [decode] Attention of one query token per row over a KV cache: q (B, H, D), caches
+  // (B, Hkv, S_max, D) with H % Hkv == 0, cache_seqlens (B,) int32/int64; row b attends to
+  // positions [0, cache_seqlens[b]). -> (B, H, D). Split-K over the cache, merged by logsumexp.
+  m.def("decode_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale)"
+        " -> Tensor");
+  // [decode] y = x @ weight^T + bias: x (M, K), weight (N, K), bias (N,). Fast path for few rows.
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 extern "C" {

@@ -1,0 +1,189 @@
+// Decode attention over a KV cache on the CPU: one query token per row, ragged cache lengths, GQA.
+//
+// Work split (flash-decoding): each (row b, kv head, chunk of the cache) is one task of
+// at::parallel_for. A task reads its K rows once for all the G = H / Hkv query heads that share the
+// kv head (GQA), computes the G x chunk scaled scores into an fp32 scratch, takes a softmax with its
+// own max, and accumulates exp(s - m) * V in fp32. It leaves (m, l, acc) per query head; the chunks
+// of a head are then merged by logsumexp (fastlm::softmax_merge, the same code the CUDA kernel runs)
+// and divided by l. The number of chunks grows only when (B * Hkv) tasks cannot keep every thread busy.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+#include "cpu/decode_parallel.h"
+#include "cpu/vec_utils.h"
+#include "decode_math.h"
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr const char* kOp = "decode_attention_fwd";
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  const int64_t V = fVec::size();
+  fVec s0(0.f), s1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    s0 = at::vec::fmadd(fVec::loadu(a + i), fVec::loadu(b + i), s0);
+    s1 = at::vec::fmadd(fVec::loadu(a + i + V), fVec::loadu(b + i + V), s1);
+  }
+  for (; i + V <= n; i += V) s0 = at::vec::fmadd(fVec::loadu(a + i), fVec::loadu(b + i), s0);
+  float s = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, s0 + s1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// acc[i] += p * v[i]
+inline void axpy(float p, const float* v, float* acc, int64_t n) {
+  const int64_t V = fVec::size();
+  const fVec vp(p);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) at::vec::fmadd(vp, fVec::loadu(v + i), fVec::loadu(acc + i)).store(acc + i);
+  for (; i < n; ++i) acc[i] += p * v[i];
+}
+
+template <typename T>
+void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::vector<int64_t>& lens, float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k.size(1), G = H / Hkv;
+  const int64_t max_len = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = decode_num_splits(B * Hkv, max_len, 2 * threads, 64);
+  const int64_t chunk = std::max<int64_t>(1, (max_len + splits - 1) / splits);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int64_t sqb = q.stride(0), sqh = q.stride(1);
+  const int64_t skb = k.stride(0), skh = k.stride(1), sks = k.stride(2);
+  const int64_t svb = v.stride(0), svh = v.stride(1), svs = v.stride(2);
+  // Per (b, kv head, split, g): m, l and an unnormalized fp32 accumulator of D.
+  const int64_t tasks = B * Hkv * splits;
+  std::vector<float> part_m(tasks * G), part_l(tasks * G), part_acc(tasks * G * D);
+
+  parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), kf(D), vf(D), scores;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t split = t % splits, bh = t / splits, kvh = bh % Hkv, b = bh / Hkv;
+      const int64_t s0 = std::min(split * chunk, lens[b]), s1 = std::min(s0 + chunk, lens[b]);
+      const int64_t n = s1 - s0;
+      float* m_out = part_m.data() + t * G;
+      float* l_out = part_l.data() + t * G;
+      float* acc = part_acc.data() + t * G * D;
+      std::fill(acc, acc + G * D, 0.f);
+      if (n <= 0) {
+        std::fill(m_out, m_out + G, -INFINITY);
+        std::fill(l_out, l_out + G, 0.f);
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        row_to_float(qp + b * sqb + (kvh * G + g) * sqh, qf.data() + g * D, D);
+        for (int64_t i = 0; i < D; ++i) qf[g * D + i] *= scale;  // scale folded into q once
+      }
+      scores.resize(G * n);
+      const T* kbase = kp + b * skb + kvh * skh;
+      for (int64_t s = 0; s < n; ++s) {  // each K row is read once for all G heads
+        const float* krow;
+        if constexpr (std::is_same_v<T, float>) {
+          krow = kbase + (s0 + s) * sks;
+        } else {
+          row_to_float(kbase + (s0 + s) * sks, kf.data(), D);
+          krow = kf.data();
+        }
+        for (int64_t g = 0; g < G; ++g) scores[g * n + s] = dot(qf.data() + g * D, krow, D);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = scores.data() + g * n;
+        float m = -INFINITY;
+        for (int64_t s = 0; s < n; ++s) m = std::max(m, sc[s]);
+        float l = 0.f;
+        for (int64_t s = 0; s < n; ++s) {
+          sc[s] = std::exp(sc[s] - m);
+          l += sc[s];
+        }
+        m_out[g] = m;
+        l_out[g] = l;
+      }
+      const T* vbase = vp + b * svb + kvh * svh;
+      for (int64_t s = 0; s < n; ++s) {  // each V row is read once for all G heads
+        const float* vrow;
+        if constexpr (std::is_same_v<T, float>) {
+          vrow = vbase + (s0 + s) * svs;
+        } else {
+          row_to_float(vbase + (s0 + s) * svs, vf.data(), D);
+          vrow = vf.data();
+        }
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + s], vrow, acc + g * D, D);
+      }
+    }
+  });
+
+  // Merge the splits of every (b, h) by logsumexp and normalize.
+  T* op = out.data_ptr<T>();
+  parallel_range(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, kvh = h / G, g = h % G;
+      const int64_t t0 = (b * Hkv + kvh) * splits;
+      float m = -INFINITY, l = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t t = t0 + sp;
+        float alpha, beta;
+        softmax_merge(m, l, part_m[t * G + g], part_l[t * G + g], alpha, beta);
+        const float* a = part_acc.data() + (t * G + g) * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = alpha * o[i] + beta * a[i];
+      }
+      const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty row (length 0) gives zeros
+      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+      row_from_float(o.data(), op + b * H * D + h * D, D);
+    }
+  });
+}
+
+at::Tensor decode_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& cache_seqlens, double scale) {
+  FASTLM_CHECK(q.dim() == 3, kOp, "query must be (B, H, D), got ", q.sizes());
+  FASTLM_CHECK(k_cache.dim() == 4, kOp, "key_cache must be (B, Hkv, S_max, D), got ", k_cache.sizes());
+  FASTLM_CHECK(is_float_type(q.scalar_type()), kOp, "query must be float32, float16 or bfloat16");
+  check_same_shape(v_cache, k_cache, kOp, "value_cache");
+  check_same(k_cache, q, kOp, "key_cache");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  FASTLM_CHECK(k_cache.size(0) == B, kOp, "key_cache batch ", k_cache.size(0), " != query batch ", B);
+  FASTLM_CHECK(k_cache.size(3) == D, kOp, "key_cache head dim ", k_cache.size(3), " != query head dim ", D);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
+  FASTLM_CHECK(Hkv > 0 && H % Hkv == 0, kOp, "query heads ", H, " must be a multiple of kv heads ", Hkv);
+  FASTLM_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, kOp,
+               "query and caches must be contiguous in the head dim");
+  FASTLM_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, kOp, "cache_seqlens must be (", B,
+               ",), got ", cache_seqlens.sizes());
+  FASTLM_CHECK(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong, kOp,
+               "cache_seqlens must be int32 or int64");
+  FASTLM_CHECK(cache_seqlens.device() == q.device(), kOp, "cache_seqlens must be on ", q.device());
+  std::vector<int64_t> lens(B);
+  auto sl = cache_seqlens.to(at::kLong).contiguous();
+  const int64_t* lp = sl.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    FASTLM_CHECK(lp[b] >= 0 && lp[b] <= S, kOp, "cache_seqlens[", b, "] = ", lp[b], " is outside [0, S_max=", S, "]");
+    lens[b] = lp[b];
+  }
+  auto qc = q.contiguous();
+  at::Tensor out = new_output({B, H, D}, q.options());
+  if (out.numel() == 0) return out;
+  FASTLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), kOp, [&] {
+    decode_attention_kernel<scalar_t>(qc, k_cache, v_cache, lens, static_cast<float>(scale), out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) { m.impl("decode_attention_fwd", &decode_attention_fwd_cpu); }
+
+}  // namespace fastlm::cpu
