@@ -26,6 +26,15 @@ TORCH_LIBRARY(fastlm_C, m) {
   // weight is None / has_bias is false.
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dsummed,"
         " bool has_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // [attention] Flash attention: q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), H % Hkv == 0,
+  // last dims contiguous; mask: additive, q's dtype, (B, H, Sq, Sk) expanded (stride 0 where it
+  // broadcasts); is_causal top-left aligned; dropout from rng = int64 CPU (seed, offset).
+  // -> out (B, H, Sq, Dv), lse (B, H, Sq) fp32 (-inf for a row that sees no key).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal, float dropout_p,"
+        " Tensor? rng) -> (Tensor out, Tensor lse)");
+  // [attention] Backward from the saved lse; dk, dv summed over each GQA group.
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
+        " float scale, bool is_causal, float dropout_p, Tensor? rng) -> (Tensor dq, Tensor dk, Tensor dv)");
   // [decode] Attention of one query token per row over a KV cache: q (B, H, D), caches
   // (B, Hkv, S_max, D) with H % Hkv == 0, cache_seqlens (B,) int32/int64; row b attends to
   // positions [0, cache_seqlens[b]). -> (B, H, D). Split-K over the cache, merged by logsumexp.

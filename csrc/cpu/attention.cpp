@@ -1,0 +1,498 @@
+// Flash attention forward and backward on the CPU.
+//
+// Layout: q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), each with a contiguous last dim
+// (other strides free); H % Hkv == 0 (query head h reads kv head h / (H / Hkv), no K/V copies); an
+// optional additive mask (B, H, Sq, Sk) of q's dtype whose strides may be 0 where it broadcasts;
+// causal = top-left aligned (row i sees keys j <= i). Dropout from (seed, offset): see
+// cuda/attention_math.h.
+//
+// Forward: K^T and V are first converted to fp32 panels per (b, kv head) (one linear pass), then
+// at::parallel_for over (batch, head, query block of kBQ rows): S = Q K^T for a kBK-key block
+// (register-blocked at::vec GEMM, fp32), online softmax (running max m, sum l, rescaled output
+// accumulator), O += P V. Key blocks above the causal diagonal are skipped, and so are key blocks a
+// key-padding mask (row-independent, (B, 1, 1, Sk) broadcast) masks fully. Memory O(S), never S x S.
+// Backward (FlashAttention-2 style, recomputing P from the saved logsumexp): at::parallel_for over
+// (batch, kv head); the task owns dK, dV of its kv head and dQ of the heads of its group, all in
+// fp32, so no atomics and a schedule-independent result. Per (key block, query block):
+// S = Q K^T, P = exp(scale S + mask - lse), dP = dO V^T, dS = P (dP - delta), dV += P^T dO,
+// dK += dS^T Q, dQ += dS K.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/vec_utils.h"
+#include "cuda/attention_math.h"
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr const char* kFwd = "attention_fwd";
+constexpr const char* kBwd = "attention_bwd";
+constexpr int64_t kV = fVec::size();  // fp32 lanes per vector
+constexpr int64_t kBQ = 64;           // query rows per block
+constexpr int64_t kBK = 64;           // keys per block (a multiple of kV)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---- register-blocked fp32 GEMM: C[M x N] (+)= A[M x K] B[K x N], N a multiple of kV ----
+template <int MR, int NV>
+inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                       bool accumulate) {
+  fVec c[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? fVec::loadu(C + r * ldc + v * kV) : fVec(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    fVec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = fVec::loadu(B + k * ldb + v * kV);
+    for (int r = 0; r < MR; ++r) {
+      const fVec a(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, b[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * kV);
+}
+
+template <int NV>
+inline void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, bool acc) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) gemm_micro<6, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+  switch (M - i) {
+    case 5: gemm_micro<5, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
+    case 4: gemm_micro<4, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
+    case 3: gemm_micro<3, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
+    case 2: gemm_micro<2, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
+    case 1: gemm_micro<1, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
+    default: break;
+  }
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool acc) {
+  int64_t j = 0;
+  for (; j + 2 * kV <= N; j += 2 * kV) gemm_rows<2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+  if (j < N) gemm_rows<1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+}
+
+// dst[c][r] = src[r][c] for an R x Cn block (small; stays in L1).
+inline void transpose(const float* src, int64_t lds, int64_t R, int64_t Cn, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Cn; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+struct Shapes {
+  int64_t B, H, Hkv, Sq, Sk, D, Dv, group, Dp, Dvp, Skp;
+};
+
+template <typename T>
+struct Strided4 {  // a (B, H, S, X) tensor with a contiguous last dim
+  const T* p;
+  int64_t sb, sh, ss;
+  explicit Strided4(const at::Tensor& t)
+      : p(t.data_ptr<T>()), sb(t.stride(0)), sh(t.stride(1)), ss(t.stride(2)) {}
+  const T* row(int64_t b, int64_t h, int64_t s) const { return p + b * sb + h * sh + s * ss; }
+};
+
+template <typename T>
+struct MaskView {  // additive mask (B, H, Sq, Sk), any strides (0 where broadcast); p == nullptr: none
+  const T* p = nullptr;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+  bool row_independent = false;  // the same for every query row (a key-padding mask)
+  MaskView() = default;
+  explicit MaskView(const at::Tensor* t) {
+    if (t == nullptr) return;
+    p = t->data_ptr<T>();
+    sb = t->stride(0), sh = t->stride(1), sq = t->stride(2), sk = t->stride(3);
+    row_independent = sq == 0 || t->size(2) == 1;
+  }
+  float at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return static_cast<float>(p[b * sb + h * sh + i * sq + j * sk]);
+  }
+  // True if every key in [j0, j1) is masked out (-inf) for every row: only checked for
+  // row-independent masks (otherwise false: the block is computed and masked element-wise).
+  bool block_dead(int64_t b, int64_t h, int64_t j0, int64_t j1) const {
+    if (p == nullptr || !row_independent) return false;
+    for (int64_t j = j0; j < j1; ++j)
+      if (at(b, h, 0, j) != kNegInf) return false;
+    return true;
+  }
+};
+
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0, offset = 0;
+  uint32_t threshold = 0;
+  float inv_keep = 1.f;
+  bool keep(int64_t bh, int64_t i, int64_t j) const {
+    return attention_dropout_keep(seed, offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
+                                  static_cast<uint32_t>(j), threshold);
+  }
+};
+
+Dropout make_dropout(double p, const std::optional<at::Tensor>& rng, const char* op) {
+  Dropout d;
+  if (p <= 0.0) return d;
+  FASTLM_CHECK(rng.has_value() && rng->defined(), op, "rng (seed, offset) is required when dropout_p > 0");
+  FASTLM_CHECK(rng->device().is_cpu() && rng->scalar_type() == at::kLong && rng->numel() == 2, op,
+               "rng must be an int64 CPU tensor of 2 elements (seed, offset)");
+  FASTLM_CHECK(p < 1.0, op, "dropout_p must be < 1, got ", p);
+  auto r = rng->contiguous();
+  d.on = true;
+  d.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
+  d.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+  d.threshold = attention_dropout_threshold(p);
+  d.inv_keep = static_cast<float>(1.0 / (1.0 - p));
+  return d;
+}
+
+// Convert rows [s0, s1) of a (S, X) slice to fp32 rows of length ldd (zero padded) at dst.
+template <typename T>
+void load_rows(const Strided4<T>& t, int64_t b, int64_t h, int64_t s0, int64_t s1, int64_t X, float* dst,
+               int64_t ldd) {
+  for (int64_t s = s0; s < s1; ++s) {
+    float* d = dst + (s - s0) * ldd;
+    row_to_float(t.row(b, h, s), d, X);
+    std::fill(d + X, d + ldd, 0.f);
+  }
+}
+
+// K^T (D x Skp) and V (Skp x Dvp) of one (b, kv head), fp32, zero padded.
+template <typename T>
+void pack_kv(const Strided4<T>& k, const Strided4<T>& v, const Shapes& s, int64_t b, int64_t hk, float* kt,
+             float* vf, std::vector<float>& row) {
+  row.resize(s.D);
+  std::fill(kt, kt + s.D * s.Skp, 0.f);
+  for (int64_t j = 0; j < s.Sk; ++j) {
+    row_to_float(k.row(b, hk, j), row.data(), s.D);
+    for (int64_t d = 0; d < s.D; ++d) kt[d * s.Skp + j] = row[d];
+  }
+  load_rows(v, b, hk, 0, s.Sk, s.Dv, vf, s.Dvp);
+  std::fill(vf + s.Sk * s.Dvp, vf + s.Skp * s.Dvp, 0.f);
+}
+
+// Adds the mask, the causal and padding limits to the raw scaled scores of one block, in place:
+// rows [i0, i0 + bq), keys [j0, j0 + bk) valid of kBK columns. Masked entries become -inf.
+template <typename T>
+inline void mask_scores(float* S, int64_t bq, int64_t bk, int64_t i0, int64_t j0, bool causal, const MaskView<T>& mask,
+                        int64_t b, int64_t h) {
+  for (int64_t r = 0; r < bq; ++r) {
+    float* srow = S + r * kBK;
+    const int64_t i = i0 + r;
+    if (mask.p != nullptr) {
+      const T* mp = mask.p + b * mask.sb + h * mask.sh + i * mask.sq + j0 * mask.sk;
+      if (mask.sk == 1) {
+        for (int64_t c = 0; c < bk; ++c) srow[c] += static_cast<float>(mp[c]);
+      } else {
+        for (int64_t c = 0; c < bk; ++c) srow[c] += static_cast<float>(mp[c * mask.sk]);
+      }
+    }
+    int64_t valid = bk;
+    if (causal) valid = std::min<int64_t>(bk, std::max<int64_t>(0, i - j0 + 1));
+    for (int64_t c = valid; c < kBK; ++c) srow[c] = kNegInf;
+  }
+}
+
+inline float row_max(const float* x, int64_t n) {  // n a multiple of kV
+  fVec m(kNegInf);
+  for (int64_t c = 0; c < n; c += kV) m = at::vec::maximum(m, fVec::loadu(x + c));
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, m);
+}
+
+// x[c] = exp(x[c] - m) for n (a multiple of kV) entries; returns their sum. exp(-inf) = 0.
+inline float exp_sub_sum(float* x, float m, int64_t n) {
+  const fVec vm(m);
+  fVec acc(0.f);
+  for (int64_t c = 0; c < n; c += kV) {
+    fVec e = (fVec::loadu(x + c) - vm).exp_u20();
+    e.store(x + c);
+    acc += e;
+  }
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
+}
+
+inline void scale_row(float* x, float a, int64_t n) {  // n a multiple of kV
+  const fVec va(a);
+  for (int64_t c = 0; c < n; c += kV) (fVec::loadu(x + c) * va).store(x + c);
+}
+
+// ------------------------------------------ forward ------------------------------------------
+
+template <typename T>
+void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask_t,
+                          float scale, bool causal, const Dropout& drop, const Shapes& s, at::Tensor& out,
+                          at::Tensor& lse) {
+  const Strided4<T> qv(q), kv(k), vv(v);
+  const MaskView<T> mask(mask_t);
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t nkv = s.B * s.Hkv;
+  // fp32 panels: K^T (D x Skp) and V (Skp x Dvp) per (b, kv head).
+  std::vector<float> kt(static_cast<size_t>(nkv * s.D * s.Skp)), vf(static_cast<size_t>(nkv * s.Skp * s.Dvp));
+  at::parallel_for(0, nkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row;
+    for (int64_t t = begin; t < end; ++t)
+      pack_kv(kv, vv, s, t / s.Hkv, t % s.Hkv, kt.data() + t * s.D * s.Skp, vf.data() + t * s.Skp * s.Dvp, row);
+  });
+
+  const int64_t nqb = (s.Sq + kBQ - 1) / kBQ;
+  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> Q(kBQ * s.D), S(kBQ * kBK), O(kBQ * s.Dvp), m(kBQ), l(kBQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nqb, bh = task / nqb, b = bh / s.H, h = bh % s.H, hk = h / s.group;
+      const int64_t i0 = qb * kBQ, bq = std::min(kBQ, s.Sq - i0);
+      const float* KT = kt.data() + (b * s.Hkv + hk) * s.D * s.Skp;
+      const float* Vf = vf.data() + (b * s.Hkv + hk) * s.Skp * s.Dvp;
+      // Q block, pre-multiplied by scale.
+      for (int64_t r = 0; r < bq; ++r) {
+        row_to_float(qv.row(b, h, i0 + r), Q.data() + r * s.D, s.D);
+        for (int64_t d = 0; d < s.D; ++d) Q[r * s.D + d] *= scale;
+      }
+      std::fill(O.begin(), O.end(), 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t kend = causal ? std::min(s.Sk, i0 + bq) : s.Sk;
+      for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+        const int64_t bk = std::min(kBK, s.Sk - j0);
+        if (mask.block_dead(b, h, j0, j0 + bk)) continue;
+        const int64_t bkp = round_up(bk, kV);
+        gemm(bq, bkp, s.D, Q.data(), s.D, KT + j0, s.Skp, S.data(), kBK, false);
+        mask_scores(S.data(), bq, bk, i0, j0, causal, mask, b, h);
+        for (int64_t r = 0; r < bq; ++r) {
+          float* srow = S.data() + r * kBK;
+          const float m_new = std::max(m[r], row_max(srow, bkp));
+          if (m_new == kNegInf) {  // nothing seen yet in this row: P = 0
+            std::fill(srow, srow + bkp, 0.f);
+            continue;
+          }
+          const float alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
+          if (alpha != 1.f) scale_row(O.data() + r * s.Dvp, alpha, s.Dvp);
+          l[r] = l[r] * alpha + exp_sub_sum(srow, m_new, bkp);
+          m[r] = m_new;
+          if (drop.on) {
+            for (int64_t c = 0; c < bk; ++c)
+              srow[c] = drop.keep(bh, i0 + r, j0 + c) ? srow[c] * drop.inv_keep : 0.f;
+          }
+        }
+        gemm(bq, s.Dvp, bk, S.data(), kBK, Vf + j0 * s.Dvp, s.Dvp, O.data(), s.Dvp, true);
+      }
+      for (int64_t r = 0; r < bq; ++r) {
+        float* orow = O.data() + r * s.Dvp;
+        const int64_t i = i0 + r;
+        if (l[r] > 0.f) {
+          scale_row(orow, 1.f / l[r], s.Dvp);
+          lp[bh * s.Sq + i] = m[r] + std::log(l[r]);
+        } else {  // a row that sees no key: zeros, lse = -inf (as torch)
+          std::fill(orow, orow + s.Dvp, 0.f);
+          lp[bh * s.Sq + i] = kNegInf;
+        }
+        row_from_float(orow, op + (bh * s.Sq + i) * s.Dv, s.Dv);
+      }
+    }
+  });
+}
+
+// ------------------------------------------ backward ------------------------------------------
+
+template <typename T>
+void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& out, const at::Tensor& lse, const at::Tensor* mask_t, float scale,
+                          bool causal, const Dropout& drop, const Shapes& s, at::Tensor& dq, at::Tensor& dk,
+                          at::Tensor& dv) {
+  const Strided4<T> qv(q), kv(k), vv(v), dov(dout), ov(out);
+  const MaskView<T> mask(mask_t);
+  const float* lp = lse.data_ptr<float>();  // contiguous (B, H, Sq)
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  const int64_t Dp = s.Dp, Dvp = s.Dvp, Skp = s.Skp;
+
+  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> Kf(Skp * Dp), KT(s.D * Skp), VT(s.Dv * Skp), dK(Skp * Dp), dV(Skp * Dvp);
+    std::vector<float> Qf(s.Sq * Dp), dOf(s.Sq * Dvp), dQ(s.Sq * Dp), delta(s.Sq), orow(s.Dv);
+    std::vector<float> S(kBQ * kBK), dP(kBQ * kBK), T1(kBK * kBQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / s.Hkv, hk = t % s.Hkv;
+      load_rows(kv, b, hk, 0, s.Sk, s.D, Kf.data(), Dp);
+      std::fill(Kf.begin() + s.Sk * Dp, Kf.end(), 0.f);
+      std::fill(KT.begin(), KT.end(), 0.f);
+      std::fill(VT.begin(), VT.end(), 0.f);
+      for (int64_t j = 0; j < s.Sk; ++j) {
+        for (int64_t d = 0; d < s.D; ++d) KT[d * Skp + j] = Kf[j * Dp + d];
+        const T* vr = vv.row(b, hk, j);
+        for (int64_t d = 0; d < s.Dv; ++d) VT[d * Skp + j] = static_cast<float>(vr[d]);
+      }
+      std::fill(dK.begin(), dK.end(), 0.f);
+      std::fill(dV.begin(), dV.end(), 0.f);
+      for (int64_t h = hk * s.group; h < (hk + 1) * s.group; ++h) {
+        const int64_t bh = b * s.H + h;
+        load_rows(qv, b, h, 0, s.Sq, s.D, Qf.data(), Dp);
+        load_rows(dov, b, h, 0, s.Sq, s.Dv, dOf.data(), Dvp);
+        for (int64_t i = 0; i < s.Sq; ++i) {
+          row_to_float(ov.row(b, h, i), orow.data(), s.Dv);
+          float acc = 0.f;
+          for (int64_t d = 0; d < s.Dv; ++d) acc += orow[d] * dOf[i * Dvp + d];
+          delta[i] = acc;
+        }
+        std::fill(dQ.begin(), dQ.end(), 0.f);
+        const float* L = lp + bh * s.Sq;
+        for (int64_t j0 = 0; j0 < s.Sk; j0 += kBK) {
+          const int64_t bk = std::min(kBK, s.Sk - j0), bkp = round_up(bk, kV);
+          if (mask.block_dead(b, h, j0, j0 + bk)) continue;
+          // causal: rows i >= j0 see this block
+          for (int64_t i0 = causal ? (j0 / kBQ) * kBQ : 0; i0 < s.Sq; i0 += kBQ) {
+            const int64_t bq = std::min(kBQ, s.Sq - i0);
+            if (causal && i0 + bq - 1 < j0) continue;
+            gemm(bq, bkp, s.D, Qf.data() + i0 * Dp, Dp, KT.data() + j0, Skp, S.data(), kBK, false);
+            for (int64_t r = 0; r < bq; ++r) scale_row(S.data() + r * kBK, scale, bkp);
+            mask_scores(S.data(), bq, bk, i0, j0, causal, mask, b, h);
+            gemm(bq, bkp, s.Dv, dOf.data() + i0 * Dvp, Dvp, VT.data() + j0, Skp, dP.data(), kBK, false);
+            for (int64_t r = 0; r < bq; ++r) {
+              float* srow = S.data() + r * kBK;  // -> P, then dS
+              float* prow = dP.data() + r * kBK;
+              const float li = L[i0 + r];
+              if (li == kNegInf) {
+                std::fill(srow, srow + kBK, 0.f);
+                std::fill(prow, prow + kBK, 0.f);
+                for (int64_t c = 0; c < bk; ++c) T1[c * kBQ + r] = 0.f;
+                continue;
+              }
+              exp_sub_sum(srow, li, bkp);
+              const float di = delta[i0 + r];
+              for (int64_t c = 0; c < bk; ++c) {
+                float p = srow[c], dpv = prow[c], pd = p;
+                if (drop.on) {
+                  const bool kept = drop.keep(bh, i0 + r, j0 + c);
+                  pd = kept ? p * drop.inv_keep : 0.f;
+                  dpv = kept ? dpv * drop.inv_keep : 0.f;
+                }
+                T1[c * kBQ + r] = pd;             // P_dropped^T, for dV
+                srow[c] = p * (dpv - di);         // dS
+              }
+            }
+            // dV_j += Pd^T dO_i
+            gemm(bk, Dvp, bq, T1.data(), kBQ, dOf.data() + i0 * Dvp, Dvp, dV.data() + j0 * Dvp, Dvp, true);
+            // dQ_i += dS K_j
+            gemm(bq, Dp, bk, S.data(), kBK, Kf.data() + j0 * Dp, Dp, dQ.data() + i0 * Dp, Dp, true);
+            // dK_j += dS^T Q_i
+            transpose(S.data(), kBK, bq, bk, T1.data(), kBQ);
+            gemm(bk, Dp, bq, T1.data(), kBQ, Qf.data() + i0 * Dp, Dp, dK.data() + j0 * Dp, Dp, true);
+          }
+        }
+        for (int64_t i = 0; i < s.Sq; ++i) {
+          scale_row(dQ.data() + i * Dp, scale, Dp);
+          row_from_float(dQ.data() + i * Dp, dqp + (bh * s.Sq + i) * s.D, s.D);
+        }
+      }
+      const int64_t bhk = b * s.Hkv + hk;
+      for (int64_t j = 0; j < s.Sk; ++j) {
+        scale_row(dK.data() + j * Dp, scale, Dp);
+        row_from_float(dK.data() + j * Dp, dkp + (bhk * s.Sk + j) * s.D, s.D);
+        row_from_float(dV.data() + j * Dvp, dvp + (bhk * s.Sk + j) * s.Dv, s.Dv);
+      }
+    }
+  });
+}
+
+// ------------------------------------------ entry points ------------------------------------------
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
+    FASTLM_CHECK(t.dim() == 4, op, name, " must be 4-D (B, H, S, D), got ", t.dim(), "-D");
+    FASTLM_CHECK(is_float_type(t.scalar_type()), op, name, " must be float32, float16 or bfloat16, got ",
+                 t.scalar_type());
+    FASTLM_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, name, " must be contiguous in its last dimension");
+    FASTLM_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor, got ", t.device());
+  }
+  check_same(k, q, op, "k");
+  check_same(v, q, op, "v");
+  FASTLM_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, "batch sizes differ");
+  FASTLM_CHECK(k.size(3) == q.size(3), op, "k head dim ", k.size(3), " != q head dim ", q.size(3));
+  FASTLM_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), op, "k and v shapes disagree: ", k.sizes(),
+               " vs ", v.sizes());
+  FASTLM_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, "q heads ", q.size(1),
+               " must be a multiple of kv heads ", k.size(1));
+}
+
+Shapes make_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  Shapes s;
+  s.B = q.size(0), s.H = q.size(1), s.Sq = q.size(2), s.D = q.size(3);
+  s.Hkv = k.size(1), s.Sk = k.size(2), s.Dv = v.size(3);
+  s.group = s.H / s.Hkv;
+  s.Dp = round_up(s.D, kV), s.Dvp = round_up(s.Dv, kV), s.Skp = round_up(s.Sk, kBK);
+  return s;
+}
+
+void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, const Shapes& s, const char* op) {
+  if (!opt_ptr(mask)) return;
+  const at::Tensor& m = *mask;
+  FASTLM_CHECK(m.dim() == 4 && m.size(0) == s.B && m.size(1) == s.H && m.size(2) == s.Sq && m.size(3) == s.Sk, op,
+               "mask must be (B, H, Sq, Sk) = (", s.B, ", ", s.H, ", ", s.Sq, ", ", s.Sk, ") (expanded), got ",
+               m.sizes());
+  check_same(m, q, op, "mask");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& mask, double scale,
+                                                     bool is_causal, double dropout_p,
+                                                     const std::optional<at::Tensor>& rng) {
+  check_qkv(q, k, v, kFwd);
+  const Shapes s = make_shapes(q, k, v);
+  check_mask(mask, q, s, kFwd);
+  const Dropout drop = make_dropout(dropout_p, rng, kFwd);
+  auto out = new_output({s.B, s.H, s.Sq, s.Dv}, q.options());
+  auto lse = new_output({s.B, s.H, s.Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  FASTLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), kFwd, [&] {
+    attention_fwd_kernel<scalar_t>(q, k, v, opt_ptr(mask), static_cast<float>(scale), is_causal, drop, s, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, double scale, bool is_causal, double dropout_p,
+    const std::optional<at::Tensor>& rng) {
+  check_qkv(q, k, v, kBwd);
+  const Shapes s = make_shapes(q, k, v);
+  check_mask(mask, q, s, kBwd);
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"}}) {
+    FASTLM_CHECK(t.dim() == 4 && t.size(0) == s.B && t.size(1) == s.H && t.size(2) == s.Sq && t.size(3) == s.Dv,
+                 kBwd, name, " must be (B, H, Sq, Dv), got ", t.sizes());
+    FASTLM_CHECK(t.size(3) <= 1 || t.stride(3) == 1, kBwd, name, " must be contiguous in its last dimension");
+    check_same(t, q, kBwd, name);
+  }
+  FASTLM_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.H &&
+                   lse.size(2) == s.Sq,
+               kBwd, "lse must be fp32 (B, H, Sq), got ", lse.scalar_type(), " ", lse.sizes());
+  const Dropout drop = make_dropout(dropout_p, rng, kBwd);
+  auto lse_c = lse.contiguous();
+  auto dq = new_output({s.B, s.H, s.Sq, s.D}, q.options());
+  auto dk = new_output({s.B, s.Hkv, s.Sk, s.D}, q.options());
+  auto dv = new_output({s.B, s.Hkv, s.Sk, s.Dv}, q.options());
+  if (s.B == 0 || s.H == 0) return {dq, dk, dv};
+  FASTLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), kBwd, [&] {
+    attention_bwd_kernel<scalar_t>(dout, q, k, v, out, lse_c, opt_ptr(mask), static_cast<float>(scale), is_causal,
+                                   drop, s, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace fastlm::cpu
