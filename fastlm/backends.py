@@ -101,6 +101,8 @@ def unavailable_reason(backend: str, device="cpu", op: str | None = None) -> str
             return f"{op} has no {backend} implementation"
     if dev not in ("cpu", "cuda"):
         return f"fastlm runs on cpu and cuda tensors, not {dev}"
+    if dev == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
     if backend == "reference":
         return None
     if backend == "triton":

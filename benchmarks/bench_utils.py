@@ -1,0 +1,43 @@
+"""Turns registry cases into pytest-benchmark parameters: one test per (case, contender)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlm.bench import registry
+
+
+def device_and_dtype(config):
+    device = config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.getoption("--dtype")
+    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    return torch.device(device), dtype
+
+
+def case_params(suite: str, family: str):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [pytest.param(c, id=c.name.replace(" ", "-")) for c in registry.cases(suite, device) if c.family == family]
+
+
+_bound_cache: dict = {}
+
+
+def run_case(benchmark, request, case):
+    device, dtype = device_and_dtype(request.config)
+    key = (case.name, device, dtype)
+    if key not in _bound_cache:
+        _bound_cache[key] = case.make(device, dtype)
+    bound = _bound_cache[key]
+    if bound.check is not None:
+        errors = bound.check()
+        benchmark.extra_info["max_err"] = errors
+    label = next(iter(k for k in bound.impls if k.startswith("fastlm:")), bound.baseline)
+    fn = bound.impls[label]
+    if device.type == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+        benchmark(timed)
+    else:
+        benchmark(fn)
+    benchmark.extra_info["impl"] = label

@@ -1,0 +1,129 @@
+"""Suite "models": GPT-2 small and BERT-base (random weights), inference and a training step (forward +
+backward, no optimizer), per (batch, seq). Contenders, all sharing one set of weights values:
+
+- "hf eager":  transformers, attn_implementation="eager" (the baseline)
+- "hf sdpa":   transformers, attn_implementation="sdpa"
+- "patched":   fastlm.patch(hf eager model)
+- "native":    fastlm.models.Bert / fastlm.models.GPT2 (inference only; GPT2 where it exists)
+
+Each case checks parity first: the max |difference| of the output (inference: the last hidden state /
+logits; training: the loss) of each contender against "hf eager". Work: tokens = batch x seq;
+flops ~ 2 x (non-embedding params + LM head) x tokens + attention (x3 for fwd+bwd).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from fastlm.bench.registry import Bound, Case, register
+
+SHAPES = ((1, 128), (8, 128), (32, 128), (8, 512), (8, 1024))
+QUICK = {(1, 128), (8, 128)}
+
+
+def _configs(arch: str, seq: int):
+    if arch == "gpt2":                                   # GPT-2 small
+        from transformers import GPT2Config
+        return GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=max(1024, seq), vocab_size=50257,
+                          bos_token_id=50256, eos_token_id=50256)
+    from transformers import BertConfig                   # BERT-base (positions stretched past 512 for S=1024)
+    return BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                      vocab_size=30522, max_position_embeddings=max(512, seq))
+
+
+def _flops(cfg, arch: str, B: int, S: int, train: bool) -> float:
+    H, L = cfg.hidden_size, cfg.num_hidden_layers
+    inter = getattr(cfg, "intermediate_size", None) or 4 * H
+    per_tok = L * (4 * H * H + 2 * H * inter) + (cfg.vocab_size * H if arch == "gpt2" else 0)
+    attn = L * 4 * S * H * (0.5 if arch == "gpt2" else 1.0)       # QK^T and PV per token (causal: half)
+    return 2 * B * S * (per_tok + attn) * (3 if train else 1)
+
+
+def _make(arch: str, B: int, S: int, train: bool):
+    def make(device: torch.device, dtype: torch.dtype) -> Bound:
+        import fastlm
+        from fastlm.integrations.hf import PatchWarning
+
+        cfg = _configs(arch, S)
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        if arch == "gpt2":
+            from transformers import GPT2LMHeadModel as Cls
+        else:
+            from transformers import BertModel as Cls
+        eager = Cls(cfg).to(device=device, dtype=dtype)
+        eager.train(train)
+        sdpa = copy.deepcopy(eager)
+        sdpa.set_attn_implementation("sdpa")
+        patched = copy.deepcopy(eager)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PatchWarning)
+            fastlm.patch(patched)
+        if train:                                        # dropout off: comparable, deterministic steps
+            for m in (eager, sdpa, patched):
+                for mod in m.modules():
+                    if isinstance(mod, torch.nn.Dropout):
+                        mod.p = 0.0
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
+        mask = torch.ones_like(ids)
+
+        models = {"hf eager": eager, "hf sdpa": sdpa, "patched": patched}
+        native = None
+        if not train:
+            try:
+                native = (fastlm.models.Bert.from_hf(eager) if arch == "bert"
+                          else fastlm.models.GPT2.from_hf(eager))
+            except (AttributeError, NotImplementedError):
+                native = None                            # GPT2 native model not there yet
+
+        def out_of(model, is_native=False):
+            if is_native:
+                o = model(ids, attention_mask=mask)
+                return o.last_hidden_state if arch == "bert" else getattr(o, "logits", o)
+            o = model(ids, attention_mask=mask)
+            return o.logits if arch == "gpt2" else o.last_hidden_state
+
+        def infer(model, is_native=False):
+            def fn():
+                with torch.inference_mode():
+                    return out_of(model, is_native)
+            return fn
+
+        def step(model):
+            def fn():
+                model.zero_grad(set_to_none=True)
+                if arch == "gpt2":
+                    loss = model(ids, attention_mask=mask, labels=ids).loss
+                else:
+                    loss = model(ids, attention_mask=mask).last_hidden_state.float().square().mean()
+                loss.backward()
+                return loss.detach()
+            return fn
+
+        impls = {k: (step(m) if train else infer(m)) for k, m in models.items()}
+        if native is not None:
+            impls["native"] = infer(native, True)
+
+        def check():
+            ref = impls["hf eager"]()
+            return {k: (fn() - ref).abs().max().item() for k, fn in impls.items() if k != "hf eager"}
+
+        return Bound(impls=impls, tokens=B * S, flops=_flops(cfg, arch, B, S, train), check=check,
+                     baseline="hf eager")
+    return make
+
+
+for _arch in ("gpt2", "bert"):
+    for _B, _S in SHAPES:
+        if _arch == "gpt2" and (_B, _S) == (8, 128):
+            continue                                     # (8, 128) is BERT's target shape
+        for _train in (False, True):
+            register(Case(suite="models", family=_arch,
+                          name=f"{_arch} {'train step' if _train else 'inference'} {_B}x{_S}",
+                          make=_make(_arch, _B, _S, _train),
+                          params={"model": "gpt2-small" if _arch == "gpt2" else "bert-base", "batch": _B,
+                                  "seq": _S, "mode": "train" if _train else "inference"},
+                          quick=(_B, _S) in QUICK))

@@ -1,0 +1,105 @@
+"""Runs a benchmark suite: measures the device peaks, then every case (with a progress bar), checks
+each contender's parity, times it, and derives GB/s, TFLOP/s, tokens/s, % of peak and the speedup
+over the case's baseline. Used by `fastlm bench` and scripts/gpu_check.sh."""
+from __future__ import annotations
+
+import datetime
+import platform
+import traceback
+
+import torch
+
+from fastlm.bench import registry
+from fastlm.bench.peaks import measure_peaks
+from fastlm.bench.timer import time_fn
+
+
+def environment(device: torch.device) -> dict:
+    import fastlm
+
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "fastlm": fastlm.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "cuda": torch.version.cuda, "device": device.type, "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def run_case(case: registry.Case, device: torch.device, dtype: torch.dtype, peaks: dict, quick: bool) -> dict:
+    row = {"suite": case.suite, "family": case.family, "name": case.name, "params": case.params,
+           "dtype": str(dtype).replace("torch.", ""), "results": {}, "errors": {}}
+    try:
+        bound = case.make(device, dtype)
+    except Exception as e:  # noqa: BLE001 - a case that cannot be built is reported, not fatal
+        row["error"] = f"setup failed: {e!r}"
+        return row
+    if bound.check is not None:
+        try:
+            row["errors"] = {k: float(v) for k, v in bound.check().items()}
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"parity check failed: {e!r}"
+    base_ms = None
+    for label, fn in bound.impls.items():
+        try:
+            t = time_fn(fn, device, quick)
+        except Exception as e:  # noqa: BLE001
+            row["results"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            traceback.print_exc()
+            continue
+        r = {"ms": t.median_ms, "q20_ms": t.q20_ms, "q80_ms": t.q80_ms}
+        sec = t.median_ms * 1e-3
+        if bound.bytes:
+            r["gbs"] = bound.bytes / sec / 1e9
+            r["pct_peak"] = 100 * r["gbs"] / peaks["copy_gbs"]
+        if bound.flops:
+            r["tflops"] = bound.flops / sec / 1e12
+            r["pct_peak"] = 100 * r["tflops"] / peaks["matmul_tflops"]
+        if bound.tokens:
+            r["tokens_per_s"] = bound.tokens / sec
+        row["results"][label] = r
+        if label == bound.baseline:
+            base_ms = t.median_ms
+    if base_ms is not None:
+        for r in row["results"].values():
+            if "ms" in r:
+                r["speedup"] = base_ms / r["ms"]
+    row["baseline"] = bound.baseline
+    return row
+
+
+def run_suite(suite: str, device: str, dtype: torch.dtype, quick: bool = False, names: str | None = None,
+              console=None) -> dict:
+    dev = torch.device(device)
+    selected = registry.cases(suite, dev.type, quick, dtype)
+    if names:
+        selected = [c for c in selected if names in c.name]
+    peaks = measure_peaks(dev, dtype, quick)
+    rows = []
+    try:
+        from rich.progress import Progress
+
+        progress = Progress(console=console, transient=True)
+    except ImportError:
+        progress = None
+    if progress is not None:
+        with progress:
+            task = progress.add_task(f"{suite} on {device}", total=len(selected))
+            for case in selected:
+                progress.update(task, description=case.name)
+                rows.append(run_case(case, dev, dtype, peaks, quick))
+                progress.advance(task)
+    else:
+        for case in selected:
+            print(f"... {case.name}", flush=True)
+            rows.append(run_case(case, dev, dtype, peaks, quick))
+    return {"environment": environment(dev), "suite": suite, "quick": quick, "dtype": str(dtype).replace("torch.", ""),
+            "peaks": peaks, "cases": rows}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One command on a GPU machine (no network; torch, triton, transformers preinstalled):
+#   build fastlm in place, run every test on CUDA with FASTLM_TEST_FULL=1, run `fastlm bench --suite all`,
+#   write benchmarks/results/<gpu>-<date>.{json,md} and print a summary.
+# Stages can be run separately (each device call is capped at 10 minutes):
+#   scripts/gpu_check.sh [all|build|test|bench] ...
+# Results also go to $OUT (when set) so the device tool brings them back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT" benchmarks/results
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(all)
+export FASTLM_CUDA_ARCHS="${FASTLM_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+unset TRITON_INTERPRET
+status=0
+has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
+
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  "$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
+} | tee "$OUT/environment.txt"
+
+if has build; then
+  echo "== build (archs $FASTLM_CUDA_ARCHS)"
+  start=$(date +%s)
+  if ! "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1
+  fi
+  echo "built in $(( $(date +%s) - start )) s"
+  "$PY" -m fastlm.cli info 2>&1 | tee "$OUT/info.txt"
+fi
+
+if has test; then
+  echo "== tests on CUDA (FASTLM_TEST_FULL=1)"
+  FASTLM_TEST_FULL=1 timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rs tests --junitxml="$OUT/tests.xml" \
+    ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
+  rc=$?; status=$(( status | rc ))
+  tail -40 "$OUT/tests.log"
+  echo "pytest exit code $rc"
+fi
+
+if has bench; then
+  echo "== benchmarks"
+  rm -rf "$OUT/bench"
+  for suite in ${BENCH_SUITES:-kernels models generate}; do
+    timeout "${BENCH_TIMEOUT:-300}" "$PY" -m fastlm.cli bench --suite "$suite" --device cuda ${BENCH_ARGS:-} \
+      --out "$OUT/bench" 2>&1 | tail -60
+  done
+  "$PY" - "$OUT" <<'PYEOF'
+import glob, json, os, sys
+out = sys.argv[1]
+runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "bench", "*.json")))]
+if not runs:
+    sys.exit("no benchmark results")
+from fastlm.bench.report import to_markdown
+env = runs[0]["environment"]
+stem = f"{env.get('gpu', 'gpu').replace(' ', '-')}-{env['date'][:10]}"
+merged = {"environment": env, "runs": runs}
+for d in ("benchmarks/results", out):
+    with open(os.path.join(d, stem + ".json"), "w") as f:
+        json.dump(merged, f, indent=1)
+    with open(os.path.join(d, stem + ".md"), "w") as f:
+        f.write("\n".join(to_markdown(r) for r in runs))
+print(f"wrote benchmarks/results/{stem}.json and .md")
+PYEOF
+fi
+echo "gpu_check: done (status $status); results in $OUT"
+exit $status
