@@ -5,6 +5,7 @@ backward, no optimizer), per (batch, seq). Contenders, all sharing one set of we
 - "hf sdpa":   transformers, attn_implementation="sdpa"
 - "patched":   fastlm.patch(hf eager model)
 - "native":    fastlm.models.Bert / fastlm.models.GPT2 (inference only; GPT2 where it exists)
+- "patched (reference ops)", "native (reference ops)": the same with every fastlm op on its reference
 
 Each case checks parity first: the max |difference| of the output (inference: the last hidden state /
 logits; training: the loss) of each contender against "hf eager". Work: tokens = batch x seq;
@@ -39,6 +40,14 @@ def _flops(cfg, arch: str, B: int, S: int, train: bool) -> float:
     per_tok = L * (4 * H * H + 2 * H * inter) + (cfg.vocab_size * H if arch == "gpt2" else 0)
     attn = L * 4 * S * H * (0.5 if arch == "gpt2" else 1.0)       # QK^T and PV per token (causal: half)
     return 2 * B * S * (per_tok + attn) * (3 if train else 1)
+
+
+def _forced(fn, backend: str):
+    def run():
+        import fastlm
+        with fastlm.use_backend(backend):
+            return fn()
+    return run
 
 
 def _make(arch: str, B: int, S: int, train: bool):
@@ -106,6 +115,10 @@ def _make(arch: str, B: int, S: int, train: bool):
         impls = {k: (step(m) if train else infer(m)) for k, m in models.items()}
         if native is not None:
             impls["native"] = infer(native, True)
+        # the same fastlm models with every op forced onto its reference backend: separates the
+        # integration (patch / native model) from the speed of the op backends "auto" picks
+        for k in [k for k in impls if k in ("patched", "native")]:
+            impls[f"{k} (reference ops)"] = _forced(impls[k], "reference")
 
         def check():
             ref = impls["hf eager"]()
