@@ -16,6 +16,10 @@
 
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 #include "cpu/decode_parallel.h"
 #include "cpu/vec_utils.h"
@@ -27,40 +31,58 @@ constexpr const char* kOp = "linear_fwd";
 constexpr int64_t kFewRows = 16;  // up to here the weight-streaming kernel; beyond, BLAS
 constexpr int NR = 4;             // weight rows per block
 
-inline float hsum(const fVec& v) {
-  return at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, v);
-}
-
-// acc[r][m] = sum_k w[r][k] * x[m][k] for NR weight rows (row stride ldw) and MR input rows (ldx).
+// out[r][m] = sum_k w[r][k] * x[m][k] for NR weight rows (row stride ldw) and MR input rows (ldx).
+// Raw AVX2 intrinsics: the NR x MR accumulators must live in registers (at::vec's class wrapper
+// left them on the stack, which halved the throughput).
 template <int MR>
 inline void micro_kernel(const float* w, int64_t ldw, int nr, const float* x, int64_t ldx, int64_t K,
                          float (&out)[NR][2]) {
-  const int64_t V = fVec::size();
-  fVec acc[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = fVec(0.f);
   const float* wr[NR];
   for (int r = 0; r < NR; ++r) wr[r] = w + (r < nr ? r : 0) * ldw;  // a short block repeats row 0
   int64_t k = 0;
-  for (; k + V <= K; k += V) {
-    // Software prefetch ~1 KB ahead on every W row: keeps enough lines in flight per core that the
-    // stream runs at the memory's read bandwidth, not at its latency.
-    if ((k & 15) == 0)
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[NR][MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 2
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    // Software prefetch ~1 KB ahead on every W row (once per 64-byte line): keeps enough lines in
+    // flight per core that the stream runs at the memory's read bandwidth, not at its latency.
+    if ((k & 15) == 0) {
+#pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) __builtin_prefetch(wr[r] + k + 256, 0, 0);
-    fVec xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = fVec::loadu(x + m * ldx + k);
+    }
+    __m256 xv[MR];
+#pragma GCC unroll 2
+    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+#pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      const fVec wv = fVec::loadu(wr[r] + k);
-      for (int m = 0; m < MR; ++m) acc[r][m] = at::vec::fmadd(wv, xv[m], acc[r][m]);
+      const __m256 wv = _mm256_loadu_ps(wr[r] + k);
+#pragma GCC unroll 2
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
   for (int r = 0; r < NR; ++r) {
     for (int m = 0; m < MR; ++m) {
-      float s = hsum(acc[r][m]);
+      // horizontal sum of 8 lanes
+      __m128 lo = _mm256_castps256_ps128(acc[r][m]), hi = _mm256_extractf128_ps(acc[r][m], 1);
+      lo = _mm_add_ps(lo, hi);
+      lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+      lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+      out[r][m] = _mm_cvtss_f32(lo);
+    }
+  }
+#else
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r][m] = 0.f;
+#endif
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      float s = out[r][m];
       for (int64_t kk = k; kk < K; ++kk) s += wr[r][kk] * x[m * ldx + kk];
       out[r][m] = s;
     }
-  }
 }
 
 template <typename T>
