@@ -317,6 +317,23 @@ def test_from_pretrained_attn_implementation_fastlm(tmp_path):
     assert max_err(out.last_hidden_state, r.last_hidden_state, mask) < 1e-4
 
 
+def test_bert_padding_mask_is_a_key_mask():
+    """BERT's padding reaches fastlm's attention as a (B, 1, 1, S) key mask (its fast path), none without padding."""
+    model = patched(make(BertModel, bert_config("eager")))
+    seen = []
+    orig = fhf.ops.scaled_dot_product_attention
+    fhf.ops.scaled_dot_product_attention = lambda q, k, v, attn_mask=None, **kw: (
+        seen.append(None if attn_mask is None else tuple(attn_mask.shape)) or orig(q, k, v, attn_mask=attn_mask, **kw))
+    try:
+        with torch.no_grad():
+            for padding in ("right", "none"):
+                ids, mask = batch(padding)
+                model(ids, attention_mask=mask)
+    finally:
+        fhf.ops.scaled_dot_product_attention = orig
+    assert seen == [(3, 1, 1, 11)] * 2 + [None] * 2
+
+
 # ---------------------------------------------------------------- reports
 
 def test_patch_reports_already_patched():

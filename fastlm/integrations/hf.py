@@ -140,16 +140,9 @@ def _bert_layer_check(m) -> Optional[str]:
     approx = _approximate_of(m.intermediate.intermediate_act_fn)
     if approx is None:
         return f"activation {type(m.intermediate.intermediate_act_fn).__name__} has no fused GELU equivalent"
-    if type(m.intermediate).__name__ != "BertIntermediate" or type(m.output).__name__ not in ("BertOutput",
-                                                                                            "FastlmBertOutput"):
-        return "intermediate/output are not the stock BertIntermediate/BertOutput"
+    if type(m.intermediate).__name__ != "BertIntermediate" or type(m.output).__name__ != "BertOutput":
+        return "intermediate/output are not the stock BertIntermediate/BertOutput"   # (parents are visited first)
     m._fastlm_approximate = approx
-    return None
-
-
-def _ln_check(m) -> Optional[str]:
-    if m.weight is not None and m.weight.dtype == torch.float64:
-        return None  # the op falls back to its reference for fp64: still correct
     return None
 
 
@@ -226,9 +219,35 @@ def register() -> bool:
     except ImportError:
         return False
     AttentionInterface.register(ATTN_IMPLEMENTATION, fastlm_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _fastlm_mask(sdpa_mask))
     _registered = True
     return True
+
+
+def _fastlm_mask(sdpa_mask):
+    """The mask interface for "fastlm": SDPA's format (bool, True = attend; None where `is_causal` or no
+    mask says it all), except that a bidirectional mask with padding (BERT) is returned as the (B, 1, 1, Sk)
+    key-padding mask it is, which ops.scaled_dot_product_attention takes on its fast path, instead of
+    a materialized (B, 1, Sq, Sk) one."""
+    from transformers.masking_utils import bidirectional_mask_function, prepare_padding_mask
+
+    def fastlm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                    attention_mask=None, local_size=None, allow_is_causal_skip=True,
+                    allow_is_bidirectional_skip=False, **kwargs):
+        if (mask_function is bidirectional_mask_function and local_size is None and attention_mask is not None
+                and attention_mask.dim() == 2 and not torch.compiler.is_compiling()):
+            pad = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+            if allow_is_bidirectional_skip and bool(pad.all()):
+                return None
+            return pad[:, None, None, :].to(torch.bool)
+        kwargs.update(q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask, local_size=local_size,
+                      allow_is_causal_skip=allow_is_causal_skip,
+                      allow_is_bidirectional_skip=allow_is_bidirectional_skip)
+        if mask_function is not None:
+            kwargs["mask_function"] = mask_function
+        return sdpa_mask(batch_size, q_length, kv_length, **kwargs)
+
+    return fastlm_mask
 
 
 class _RegisterOnImport:
