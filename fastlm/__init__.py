@@ -13,11 +13,12 @@ from fastlm import nn, ops
 from fastlm.backends import BackendUnavailableError, FallbackWarning, available_backends, use_backend
 from fastlm import models  # noqa: E402
 from fastlm.integrations.hf import patch, unpatch  # noqa: E402
+from fastlm.generation import generate  # noqa: E402
 from fastlm.integrations import hf as _hf  # noqa: E402
 
 _hf.install_import_hook()  # registers attn_implementation="fastlm" once transformers is imported
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "models", "patch", "unpatch", "available_backends", "use_backend", "BackendUnavailableError", "FallbackWarning",
+__all__ = ["ops", "nn", "models", "patch", "unpatch", "generate", "available_backends", "use_backend", "BackendUnavailableError", "FallbackWarning",
            "__version__"]

@@ -1,0 +1,239 @@
+"""A compact native GPT-2 built from fastlm's ops, for generation (gpt-fast-sized).
+
+prefill: fused add+LayerNorm, ops.scaled_dot_product_attention (causal, key-padding mask for
+left-padded rows), the fused GELU FFN; keys/values go to a StaticKVCache without their padding.
+decode_step: one token per row, ops.linear (few-row weight-streaming kernel on CPU),
+ops.decode_attention over the cache, logits from the tied embedding.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import ops
+from fastlm.nn import LayerNorm, StaticKVCache
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "tanh"        # GELU approximation: "tanh" (gelu_new, GPT-2) or "none" (erf)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def d_ff(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+
+SIZES = {  # --random presets (weights are random, shapes are the released models')
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
+}
+
+_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+class Block(torch.nn.Module):
+    def __init__(self, c: GPT2Config):
+        super().__init__()
+        self.ln_1 = LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.c_attn = torch.nn.Linear(c.n_embd, 3 * c.n_embd)
+        self.c_proj = torch.nn.Linear(c.n_embd, c.n_embd)
+        self.ln_2 = LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.fc = torch.nn.Linear(c.n_embd, c.d_ff)
+        self.proj = torch.nn.Linear(c.d_ff, c.n_embd)
+
+
+class GPT2(torch.nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.wte = torch.nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = torch.nn.Embedding(c.n_positions, c.n_embd)
+        self.blocks = torch.nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.lm_head = None  # None: tied to wte (GPT-2); else a weight (vocab, n_embd)
+
+    # ---- construction ----
+
+    @classmethod
+    def random(cls, name: str = "gpt2", dtype: torch.dtype | None = None, device=None, seed: int = 0,
+               **overrides) -> "GPT2":
+        """A model with `name`'s shape (see SIZES) and random weights (N(0, 0.02), as GPT-2 inits)."""
+        if name not in SIZES:
+            raise ValueError(f"GPT2.random: unknown size {name!r}; known: {sorted(SIZES)}")
+        model = cls(GPT2Config(**{**SIZES[name], **overrides}))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.zero_()
+                elif "ln" in n:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+        return model.to(dtype=dtype, device=device).eval()
+
+    @classmethod
+    def from_hf(cls, model_or_path, dtype: torch.dtype | None = None, device=None) -> "GPT2":
+        """From a transformers GPT2LMHeadModel (or a local folder holding one). Conv1D weights
+        (in, out) are transposed once into Linear layout (out, in). dtype/device default to the
+        source model's."""
+        if isinstance(model_or_path, (str, os.PathLike)):
+            from transformers import GPT2LMHeadModel
+
+            hf = GPT2LMHeadModel.from_pretrained(model_or_path)
+        else:
+            hf = model_or_path
+        if not hasattr(hf, "transformer") or not hasattr(hf.transformer, "wte"):
+            raise TypeError(f"GPT2.from_hf: expected a transformers GPT2LMHeadModel, got {type(hf).__name__}")
+        hc = hf.config
+        if getattr(hc, "scale_attn_by_inverse_layer_idx", False) or getattr(hc, "reorder_and_upcast_attn", False):
+            raise ValueError("GPT2.from_hf: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+        if not getattr(hc, "scale_attn_weights", True):
+            raise ValueError("GPT2.from_hf: scale_attn_weights=False is not supported")
+        act = _ACTIVATIONS.get(hc.activation_function)
+        if act is None:
+            raise ValueError(f"GPT2.from_hf: activation {hc.activation_function!r} is not supported")
+        config = GPT2Config(vocab_size=hc.vocab_size, n_positions=hc.n_positions, n_embd=hc.n_embd,
+                            n_layer=hc.n_layer, n_head=hc.n_head, n_inner=hc.n_inner,
+                            layer_norm_epsilon=hc.layer_norm_epsilon, activation=act)
+        src = hf.transformer
+        dtype = dtype or src.wte.weight.dtype
+        device = device or src.wte.weight.device
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device).to(dtype)
+
+        def cp(dst: torch.nn.Parameter, t: Tensor, transpose: bool = False):
+            t = t.detach()
+            dst.data.copy_(t.t() if transpose else t)
+
+        with torch.no_grad():
+            cp(model.wte.weight, src.wte.weight)
+            cp(model.wpe.weight, src.wpe.weight)
+            for blk, h in zip(model.blocks, src.h):
+                cp(blk.ln_1.weight, h.ln_1.weight); cp(blk.ln_1.bias, h.ln_1.bias)
+                cp(blk.c_attn.weight, h.attn.c_attn.weight, True); cp(blk.c_attn.bias, h.attn.c_attn.bias)
+                cp(blk.c_proj.weight, h.attn.c_proj.weight, True); cp(blk.c_proj.bias, h.attn.c_proj.bias)
+                cp(blk.ln_2.weight, h.ln_2.weight); cp(blk.ln_2.bias, h.ln_2.bias)
+                cp(blk.fc.weight, h.mlp.c_fc.weight, True); cp(blk.fc.bias, h.mlp.c_fc.bias)
+                cp(blk.proj.weight, h.mlp.c_proj.weight, True); cp(blk.proj.bias, h.mlp.c_proj.bias)
+            cp(model.ln_f.weight, src.ln_f.weight); cp(model.ln_f.bias, src.ln_f.bias)
+            head = hf.get_output_embeddings().weight
+            if head.data_ptr() != src.wte.weight.data_ptr():
+                model.lm_head = torch.nn.Parameter(head.detach().to(dtype=dtype, device=device).clone(),
+                                                   requires_grad=False)
+        return model.eval()
+
+    # ---- generation ----
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head
+
+    def new_cache(self, batch: int, max_seq: int) -> StaticKVCache:
+        c = self.config
+        return StaticKVCache(c.n_layer, batch, c.n_head, max_seq, c.head_dim, dtype=self.wte.weight.dtype,
+                             device=self.wte.weight.device)
+
+    def _mlp(self, blk: Block, x: Tensor) -> Tensor:
+        if x.dim() == 2 and x.shape[0] <= 16:
+            # decode: the weight-streaming linear, GELU on the few rows in between
+            h = F.gelu(ops.linear(x, blk.fc.weight, blk.fc.bias), approximate=self.config.activation)
+            return ops.linear(h, blk.proj.weight, blk.proj.bias)
+        return ops.gelu_ffn(x, blk.fc.weight, blk.fc.bias, blk.proj.weight, blk.proj.bias,
+                            approximate=self.config.activation)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, cache: StaticKVCache, pad_counts: Tensor | None = None) -> Tensor:
+        """input_ids (B, S), left-padded with pad_counts[b] pads (None: none). Fills the cache (row b's
+        real tokens at positions [0, S - pad_counts[b])) and returns the last position's logits (B, V)."""
+        c = self.config
+        B, S = input_ids.shape
+        H, D = c.n_head, c.head_dim
+        ar = torch.arange(S, device=input_ids.device)
+        if pad_counts is None:
+            pos = ar.expand(B, S)
+            mask, causal = None, True
+        else:
+            pc = pad_counts.to(input_ids.device).long()
+            pos = (ar[None, :] - pc[:, None]).clamp(min=0)                                   # per-row positions
+            real = ar[None, :] >= pc[:, None]                                                # (B, S) keys
+            allowed = (ar[None, :, None] >= ar[None, None, :]) & (real[:, None, :] | torch.eye(S, dtype=torch.bool,
+                                                                                            device=ar.device)[None])
+            mask, causal = allowed[:, None], False   # (B, 1, S, S); a pad query sees itself only (no NaN)
+        h = self.wte(input_ids) + self.wpe(pos)                                              # (B, S, d)
+        x = None
+        for layer, blk in enumerate(self.blocks):
+            if x is None:
+                x = ops.layer_norm(h, (c.n_embd,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
+            qkv = ops.linear(x, blk.c_attn.weight, blk.c_attn.bias).view(B, S, 3, H, D)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                                   # (B, H, S, D)
+            cache.fill(layer, k, v, pad_counts)
+            a = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            a = ops.linear(a.transpose(1, 2).reshape(B, S, c.n_embd), blk.c_proj.weight, blk.c_proj.bias)
+            x, h = ops.add_layer_norm(a, h, (c.n_embd,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
+            m = self._mlp(blk, x)
+            nxt = self.blocks[layer + 1].ln_1 if layer + 1 < len(self.blocks) else None
+            if nxt is not None:
+                x, h = ops.add_layer_norm(m, h, (c.n_embd,), nxt.weight, nxt.bias, nxt.eps)
+            else:
+                h = m + h
+        last = h[:, -1]                                                                       # (B, d)
+        x = ops.layer_norm(last, (c.n_embd,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        lengths = torch.full((B,), S, dtype=torch.int32, device=input_ids.device)
+        if pad_counts is not None:
+            lengths -= pad_counts.to(lengths)
+        cache.set_lengths(lengths)
+        return ops.linear(x, self.head_weight)
+
+    @torch.no_grad()
+    def decode_step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
+        """tokens (B,) long, one new token per row, at position cache.lengths[b] of its row. Appends
+        to the cache, advances it, and returns the logits (B, V). No host sync (CUDA-graph safe)."""
+        c = self.config
+        B = tokens.shape[0]
+        H, D = c.n_head, c.head_dim
+        pos = cache.lengths.long()
+        lens = cache.next_lengths()
+        h = self.wte(tokens) + self.wpe(pos)                                                  # (B, d)
+        x = None
+        for layer, blk in enumerate(self.blocks):
+            if x is None:
+                x = ops.layer_norm(h, (c.n_embd,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
+            qkv = ops.linear(x, blk.c_attn.weight, blk.c_attn.bias).view(B, 3, H, D)
+            q, k, v = qkv.unbind(1)                                                           # (B, H, D)
+            cache.append(layer, k, v)
+            a = ops.decode_attention(q, cache.keys(layer), cache.values(layer), lens,
+                                     scale=1.0 / math.sqrt(D))
+            a = ops.linear(a.reshape(B, c.n_embd), blk.c_proj.weight, blk.c_proj.bias)
+            x, h = ops.add_layer_norm(a, h, (c.n_embd,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
+            m = self._mlp(blk, x)
+            nxt = self.blocks[layer + 1].ln_1 if layer + 1 < len(self.blocks) else self.ln_f
+            x, h = ops.add_layer_norm(m, h, (c.n_embd,), nxt.weight, nxt.bias, nxt.eps)
+        cache.advance()
+        return ops.linear(x, self.head_weight)
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Logits of the last position (B, V) for unpadded input_ids (B, S)."""
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
+        return self.prefill(input_ids, cache)

@@ -1,0 +1,90 @@
+"""fastlm.nn.StaticKVCache: preallocated per-layer key/value buffers with per-row lengths.
+
+Every buffer is (batch, kv_heads, max_seq, head_dim) and never moves, so a decode step that writes
+into it can be captured in a CUDA graph. Row b holds its tokens at positions [0, lengths[b]); rows
+of a batch may have different lengths (left-padded prompts are stored without their padding).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class StaticKVCache(torch.nn.Module):
+    """keys[l], values[l]: (batch, kv_heads, max_seq, head_dim); lengths: (batch,) int32.
+
+    A decode step writes each layer's new keys/values at each row's own position (`append`), reads
+    `next_lengths()` as the attention lengths, and calls `advance()` once all layers are done.
+    Buffers are registered as non-persistent (not in state_dict)."""
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        for name, v in (("n_layers", n_layers), ("batch", batch), ("kv_heads", kv_heads), ("max_seq", max_seq),
+                        ("head_dim", head_dim)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"StaticKVCache: {name} must be a positive int, got {v!r}")
+        dtype = dtype or torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise TypeError(f"StaticKVCache: dtype must be a floating-point dtype, got {dtype}")
+        self.n_layers, self.batch, self.kv_heads, self.max_seq, self.head_dim = n_layers, batch, kv_heads, max_seq, head_dim
+        shape = (n_layers, batch, kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lengths", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("_rows", torch.arange(batch, device=device), persistent=False)
+
+    def keys(self, layer: int) -> Tensor:
+        return self.k[layer]
+
+    def values(self, layer: int) -> Tensor:
+        return self.v[layer]
+
+    def reset(self) -> None:
+        """Empty every row (the buffers are kept; stale values are never read past `lengths`)."""
+        self.lengths.zero_()
+
+    def next_lengths(self) -> Tensor:
+        """lengths + 1: the attention lengths of a decode step, once its token has been appended."""
+        return self.lengths + 1
+
+    def append(self, layer: int, key: Tensor, value: Tensor) -> None:
+        """Write one token per row, key/value (batch, kv_heads, head_dim), at position lengths[b] of
+        row b (in place, no host sync). Raises if a row is full (checked only outside graph capture)."""
+        self._check_kv("append", key, (self.batch, self.kv_heads, self.head_dim))
+        self._check_kv("append", value, (self.batch, self.kv_heads, self.head_dim))
+        pos = self.lengths.long()
+        if not (self.k.is_cuda and torch.cuda.is_current_stream_capturing()) and not torch.compiler.is_compiling():
+            if self.batch and int(pos.max()) >= self.max_seq:
+                raise ValueError(f"StaticKVCache.append: a row is full (max_seq={self.max_seq})")
+        # advanced indices on dims 0 and 2 -> the indexed view is (batch, kv_heads, head_dim)
+        self.k[layer][self._rows, :, pos] = key.to(self.k.dtype)
+        self.v[layer][self._rows, :, pos] = value.to(self.v.dtype)
+
+    def advance(self, n: int = 1) -> None:
+        """Every row grows by n tokens (after all layers appended)."""
+        self.lengths.add_(n)
+
+    def fill(self, layer: int, key: Tensor, value: Tensor, start: Tensor | None = None) -> None:
+        """Prefill: key/value (batch, kv_heads, S, head_dim). Row b's tokens start[b]: (left padding)
+        are stored at positions [0, S - start[b]); lengths are set by `set_lengths`."""
+        S = key.shape[2]
+        if S > self.max_seq:
+            raise ValueError(f"StaticKVCache.fill: {S} positions do not fit max_seq={self.max_seq}")
+        self._check_kv("fill", key, (self.batch, self.kv_heads, S, self.head_dim))
+        self._check_kv("fill", value, (self.batch, self.kv_heads, S, self.head_dim))
+        if start is not None:
+            # shift each row left by its padding: position j takes token j + start[b] (clamped; the
+            # clamped tail lies beyond the row's length and is never read)
+            idx = (torch.arange(S, device=key.device)[None, :] + start.to(key.device).long()[:, None]).clamp_(max=S - 1)
+            idx = idx[:, None, :, None].expand(self.batch, self.kv_heads, S, self.head_dim)
+            key, value = key.gather(2, idx), value.gather(2, idx)
+        self.k[layer, :, :, :S] = key
+        self.v[layer, :, :, :S] = value
+
+    def set_lengths(self, lengths: Tensor) -> None:
+        self.lengths.copy_(lengths)
+
+    def _check_kv(self, where: str, t: Tensor, shape: tuple[int, ...]) -> None:
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"StaticKVCache.{where}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
