@@ -23,7 +23,7 @@ OP = "scaled_dot_product_attention"
 _CPP_OPS = ("attention_fwd", "attention_bwd")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Backends with an implementation; the C++ ones are reachable only when fastlm._C has the kernels.
-_BACKENDS = ("reference", "cpu", "cuda")  # + "triton" once kernels/attention.py lands
+_BACKENDS = ("reference", "cpu", "cuda", "triton")
 backends.register_op(OP, _BACKENDS, cpp_ops=_CPP_OPS)
 
 # Largest head dim each kernel backend takes (q/k head dim D and value head dim Dv).
