@@ -42,6 +42,21 @@ TORCH_LIBRARY(fastlm_C, m) {
         " -> Tensor");
   // [decode] y = x @ weight^T + bias: x (M, K), weight (N, K), bias (N,). Fast path for few rows.
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // [gelu_ffn] out = gelu(x @ weight^T + bias): x (M, K), weight (N, K), bias (N,)?; approximate
+  // "none" (erf) or "tanh". pre = x @ weight^T + bias (M, N) when save_pre, else (0, N).
+  m.def("linear_gelu_fwd(Tensor x, Tensor weight, Tensor? bias, str approximate, bool save_pre)"
+        " -> (Tensor out, Tensor pre)");
+  // [gelu_ffn] Backward of the above from the saved pre; dbias is (0,) when has_bias is false.
+  m.def("linear_gelu_bwd(Tensor dy, Tensor x, Tensor weight, Tensor pre, str approximate, bool has_bias)"
+        " -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // [gelu_ffn] out = gelu(x @ fc1_weight^T + fc1_bias) @ fc2_weight^T + fc2_bias: fc1_weight (F, K),
+  // fc2_weight (N, F); pre = the hidden pre-activation (M, F) when save_pre, else (0, F).
+  m.def("gelu_ffn_fwd(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias,"
+        " str approximate, bool save_pre) -> (Tensor out, Tensor pre)");
+  // [gelu_ffn] Backward from the saved pre; absent biases give (0,) gradients.
+  m.def("gelu_ffn_bwd(Tensor dy, Tensor x, Tensor fc1_weight, Tensor fc2_weight, Tensor pre, str approximate,"
+        " bool has_fc1_bias, bool has_fc2_bias)"
+        " -> (Tensor dx, Tensor dfc1_weight, Tensor dfc1_bias, Tensor dfc2_weight, Tensor dfc2_bias)");
 }
 
 extern "C" {

@@ -5,7 +5,8 @@ The ops take rows (M, K) (the functional API flattens the leading dims), pick a 
 (fastlm.backends.select) and have fake impls so torch.compile(fullgraph=True) traces them. The
 forwards return the output and the pre-activation `pre` (x @ W1^T + b1, in the input's dtype), which
 the backward needs; it is only stored when autograd will use it (`save_pre`), else it is an empty
-(0, F) tensor. Autograd is registered on the forwards and calls the backward ops.
+(0, F) tensor (a backward through such a call recomputes it). Autograd is registered on the forwards
+and calls the backward ops.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fastlm.ops import _checks, reference
 OP_LINEAR_GELU, OP_GELU_FFN = "linear_gelu", "gelu_ffn"
 APPROXIMATE = ("none", "tanh")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BACKENDS = ("reference", "cpu", "cuda")
+_BACKENDS = ("reference", "cpu", "cuda", "triton")
 backends.register_op(OP_LINEAR_GELU, _BACKENDS, cpp_ops=("linear_gelu_fwd", "linear_gelu_bwd"))
 backends.register_op(OP_GELU_FFN, _BACKENDS, cpp_ops=("gelu_ffn_fwd", "gelu_ffn_bwd"))
 
@@ -84,17 +85,29 @@ def _(dy, x, weight, pre, approximate, has_bias):
     return x.new_empty(x.shape), x.new_empty(weight.shape), x.new_empty((weight.shape[0] if has_bias else 0,))
 
 
+def _dense(t: Tensor) -> Tensor:
+    """Gradients can arrive expanded (stride 0, even when empty): give the kernels dense rows."""
+    return t.contiguous() if t.numel() else t.new_zeros(t.shape)
+
+
 def _lg_setup_context(ctx, inputs, output):
     x, weight, bias, approximate, save_pre = inputs
     ctx.approximate, ctx.has_bias = approximate, bias is not None
-    ctx.save_for_backward(x, weight, output[1])
+    ctx.save_for_backward(x, weight, bias, output[1])
+
+
+def _saved_pre(x: Tensor, weight: Tensor, bias: Optional[Tensor], pre: Tensor) -> Tensor:
+    """The pre-activation saved by the forward, or recomputed (x @ W^T + b in x's dtype, as the
+    kernels store it) when the forward ran with save_pre=False (a direct call of the op)."""
+    if pre.shape[0] == x.shape[0]:
+        return pre
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _lg_backward(ctx, dout, _dpre):
-    x, weight, pre = ctx.saved_tensors
-    if pre.shape[0] != x.shape[0]:
-        raise RuntimeError("fastlm.ops.linear_gelu: the forward ran with save_pre=False; cannot differentiate")
-    dx, dw, db = linear_gelu_bwd(dout.contiguous(), x, weight, pre, ctx.approximate, ctx.has_bias)
+    x, weight, bias, pre = ctx.saved_tensors
+    pre = _saved_pre(x, weight, bias, pre)
+    dx, dw, db = linear_gelu_bwd(_dense(dout), x, weight, pre, ctx.approximate, ctx.has_bias)
     return dx, dw, db if ctx.has_bias else None, None, None
 
 
@@ -137,14 +150,13 @@ def _(dy, x, fc1_weight, fc2_weight, pre, approximate, has_fc1_bias, has_fc2_bia
 def _ffn_setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, approximate, save_pre = inputs
     ctx.approximate, ctx.has_b1, ctx.has_b2 = approximate, b1 is not None, b2 is not None
-    ctx.save_for_backward(x, w1, w2, output[1])
+    ctx.save_for_backward(x, w1, b1, w2, output[1])
 
 
 def _ffn_backward(ctx, dout, _dpre):
-    x, w1, w2, pre = ctx.saved_tensors
-    if pre.shape[0] != x.shape[0]:
-        raise RuntimeError("fastlm.ops.gelu_ffn: the forward ran with save_pre=False; cannot differentiate")
-    dx, dw1, db1, dw2, db2 = gelu_ffn_bwd(dout.contiguous(), x, w1, w2, pre, ctx.approximate, ctx.has_b1, ctx.has_b2)
+    x, w1, b1, w2, pre = ctx.saved_tensors
+    pre = _saved_pre(x, w1, b1, pre)
+    dx, dw1, db1, dw2, db2 = gelu_ffn_bwd(_dense(dout), x, w1, w2, pre, ctx.approximate, ctx.has_b1, ctx.has_b2)
     return dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None, None
 
 

@@ -1,0 +1,348 @@
+// The GELU feed-forward on the CPU: linear_gelu (x @ W^T + b, GELU) and gelu_ffn (x @ W1^T + b1,
+// GELU, @ W2^T + b2), forward and backward.
+//
+// Forward of gelu_ffn, by row blocks of BM rows chosen so that the block's hidden activation
+// (BM x F) stays in L2: GEMM (at::mm_out, MKL/oneDNN) of the block into a scratch block, then one
+// vectorized pass (at::vec) that adds b1, optionally stores the pre-activation for the backward and
+// applies the GELU in place, then the second GEMM (+ b2) of the block straight into the output. The
+// hidden activation never makes a round trip through memory, unlike eager's three passes.
+// linear_gelu: one GEMM into the output, then the same bias+GELU pass in place.
+//
+// Backward (dpre = dact * gelu'(pre)): by row blocks, dact = dy @ W2 into the dpre buffer, then one
+// pass turns it into dpre in place, writes gelu(pre) (the activation dW2 needs) and accumulates db1;
+// dx for the block is a GEMM while dpre is in cache. Weight gradients are single large GEMMs
+// (dW2 = dy^T @ act, dW1 = dpre^T @ x) after the loop: per-block GEMMs with a short inner dimension
+// would re-read the full weight gradient for every block. Bias gradients: each of a fixed number of
+// row chunks accumulates its own fp32 row, summed at the end, so results do not depend on scheduling.
+//
+// Elementwise math is fp32 (fp16/bf16 rows converted in L1-resident scratch rows); the formulas are
+// fastlm_math.h's (the scalar tails call them; the vector bodies are the same formulas on at::vec).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <vector>
+
+#include "common.h"
+#include "cpu/vec_utils.h"
+#include "fastlm_math.h"
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr const char* kLgFwd = "linear_gelu_fwd";
+constexpr const char* kLgBwd = "linear_gelu_bwd";
+constexpr const char* kFfnFwd = "gelu_ffn_fwd";
+constexpr const char* kFfnBwd = "gelu_ffn_bwd";
+
+bool parse_approximate(std::string_view approximate, const char* op) {
+  FASTLM_CHECK(approximate == "none" || approximate == "tanh", op, "approximate must be 'none' or 'tanh', got '",
+               std::string(approximate), "'");
+  return approximate == "tanh";
+}
+
+// A 2-D contiguous weight (rows, cols) of like's dtype and device.
+void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& like, const char* op,
+                  const char* name) {
+  FASTLM_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, name, " must have shape (", rows, ", ",
+               cols, "), got ", w.sizes());
+  FASTLM_CHECK(w.is_contiguous(), op, name, " must be contiguous");
+  check_same(w, like, op, name);
+}
+
+// Row block of the fused forward: the fp32 hidden block (BM x F) within ~256 KB (L2 with room for
+// the GEMM's packed panels), at least 16 rows so the GEMMs stay efficient.
+int64_t block_rows(int64_t F) {
+  const int64_t bm = (int64_t{1} << 16) / std::max<int64_t>(F, 1);
+  return std::max<int64_t>(16, std::min<int64_t>(256, bm / 8 * 8));
+}
+
+// ---- vectorized GELU (the formulas of fastlm_math.h on at::vec) ----
+
+inline fVec gelu_vec(fVec x, bool tanh_approx) {
+  const fVec half(0.5f), one(1.f);
+  if (tanh_approx) {
+    const fVec u = fVec(kGeluSqrt2OverPi) * at::vec::fmadd(fVec(kGeluCoeff) * x * x, x, x);
+    return half * x * (one + u.tanh());
+  }
+  return half * x * (one + (x * fVec(kGeluSqrt1_2)).erf());
+}
+
+// gelu(x) and gelu'(x) together (one tanh or one erf + exp).
+inline void gelu_and_grad_vec(fVec x, bool tanh_approx, fVec& g, fVec& dg) {
+  const fVec half(0.5f), one(1.f);
+  if (tanh_approx) {
+    const fVec x2 = x * x;
+    const fVec t = (fVec(kGeluSqrt2OverPi) * at::vec::fmadd(fVec(kGeluCoeff) * x2, x, x)).tanh();
+    const fVec hx = half * x;
+    g = hx * (one + t);
+    // 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 c x^2)
+    const fVec du = fVec(kGeluSqrt2OverPi) * at::vec::fmadd(fVec(3.f * kGeluCoeff), x2, one);
+    dg = at::vec::fmadd(hx * (one - t * t), du, half * (one + t));
+  } else {
+    const fVec cdf = half * (one + (x * fVec(kGeluSqrt1_2)).erf());
+    g = x * cdf;
+    dg = at::vec::fmadd(x * fVec(kGeluInvSqrt2Pi), (fVec(-0.5f) * x * x).exp(), cdf);
+  }
+}
+
+// One row, fp32, in place: v <- gelu(v + bias); pre (if not null) <- v + bias. bias may be null.
+inline void bias_gelu_row(float* v, const float* bias, float* pre, int64_t n, bool tanh_approx) {
+  const int64_t V = fVec::size();
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    fVec h = fVec::loadu(v + i);
+    if (bias) h += fVec::loadu(bias + i);
+    if (pre) h.store(pre + i);
+    gelu_vec(h, tanh_approx).store(v + i);
+  }
+  for (; i < n; ++i) {
+    const float h = v[i] + (bias ? bias[i] : 0.f);
+    if (pre) pre[i] = h;
+    v[i] = gelu(h, tanh_approx);
+  }
+}
+
+// One row, fp32: d <- d * gelu'(p) in place; act (if not null) <- gelu(p); db (if not null) += d.
+inline void dgelu_row(float* d, const float* p, float* act, float* db, int64_t n, bool tanh_approx) {
+  const int64_t V = fVec::size();
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    fVec g, dg;
+    gelu_and_grad_vec(fVec::loadu(p + i), tanh_approx, g, dg);
+    const fVec dv = fVec::loadu(d + i) * dg;
+    dv.store(d + i);
+    if (act) g.store(act + i);
+    if (db) (fVec::loadu(db + i) + dv).store(db + i);
+  }
+  for (; i < n; ++i) {
+    const float dv = d[i] * gelu_grad(p[i], tanh_approx);
+    d[i] = dv;
+    if (act) act[i] = gelu(p[i], tanh_approx);
+    if (db) db[i] += dv;
+  }
+}
+
+std::vector<float> float_vector(const at::Tensor* p, int64_t n) {
+  std::vector<float> out(p ? n : 0);
+  if (p) {
+    FASTLM_DISPATCH_FLOAT_TYPES(p->scalar_type(), "float_vector", [&] {
+      row_to_float(p->data_ptr<scalar_t>(), out.data(), n);
+    });
+  }
+  return out;
+}
+
+// Rows [0, m) of h (m x n, row stride ldh) in place: h <- gelu(h + bias), pre rows (ldp) <- h + bias
+// when pre is not null. Parallel over rows.
+template <typename T>
+void bias_gelu_rows(T* h, int64_t ldh, const float* bias, T* pre, int64_t ldp, int64_t m, int64_t n,
+                    bool tanh_approx) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : 2 * n);
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (std::is_same_v<T, float>) {
+        bias_gelu_row(h + r * ldh, bias, pre ? pre + r * ldp : nullptr, n, tanh_approx);
+      } else {
+        float* v = buf.data();
+        float* pf = buf.data() + n;
+        row_to_float(h + r * ldh, v, n);
+        bias_gelu_row(v, bias, pre ? pf : nullptr, n, tanh_approx);
+        if (pre) row_from_float(pf, pre + r * ldp, n);
+        row_from_float(v, h + r * ldh, n);
+      }
+    }
+  });
+}
+
+// Rows [0, m): d (ldd) <- d * gelu'(p (ldp)) in place; act rows (lda) <- gelu(p) when act is not null;
+// db_part (chunks x n, fp32) row c += the sum of d over chunk c's rows when db_part is not null.
+template <typename T>
+void dgelu_rows(T* d, int64_t ldd, const T* p, int64_t ldp, T* act, int64_t lda, float* db_part, int64_t chunks,
+                int64_t m, int64_t n, bool tanh_approx) {
+  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : 3 * n);
+    for (int64_t c = cbegin; c < cend; ++c) {
+      float* db = db_part ? db_part + c * n : nullptr;
+      for (int64_t r = c * m / chunks; r < (c + 1) * m / chunks; ++r) {
+        if constexpr (std::is_same_v<T, float>) {
+          dgelu_row(d + r * ldd, p + r * ldp, act ? act + r * lda : nullptr, db, n, tanh_approx);
+        } else {
+          float* df = buf.data();
+          float* pf = df + n;
+          float* af = pf + n;
+          row_to_float(d + r * ldd, df, n);
+          row_to_float(p + r * ldp, pf, n);
+          dgelu_row(df, pf, act ? af : nullptr, db, n, tanh_approx);
+          row_from_float(df, d + r * ldd, n);
+          if (act) row_from_float(af, act + r * lda, n);
+        }
+      }
+    }
+  });
+}
+
+int64_t num_chunks(int64_t m) { return std::max<int64_t>(1, std::min<int64_t>(m, at::get_num_threads())); }
+
+// ---- linear_gelu ----
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       c10::string_view approximate, bool save_pre) {
+  const bool tanh_approx = parse_approximate(approximate, kLgFwd);
+  check_rows(x, kLgFwd, "x");
+  FASTLM_CHECK(x.device().is_cpu(), kLgFwd, "x must be a CPU tensor, got ", x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  FASTLM_CHECK(weight.dim() == 2, kLgFwd, "weight must be 2-D, got ", weight.sizes());
+  const int64_t N = weight.size(0);
+  check_weight(weight, N, K, x, kLgFwd, "weight");
+  check_vector(bias, N, x, kLgFwd, "bias");
+  auto out = new_output({M, N}, x.options());
+  auto pre = new_output({save_pre ? M : 0, N}, x.options());
+  if (M == 0) return {out, pre};
+  at::mm_out(out, x, weight.t());
+  const auto b = float_vector(opt_ptr(bias), N);
+  FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kLgFwd, [&] {
+    bias_gelu_rows<scalar_t>(out.data_ptr<scalar_t>(), N, b.empty() ? nullptr : b.data(),
+                             save_pre ? pre.data_ptr<scalar_t>() : nullptr, N, M, N, tanh_approx);
+  });
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                                   const at::Tensor& weight, const at::Tensor& pre,
+                                                                   c10::string_view approximate, bool has_bias) {
+  const bool tanh_approx = parse_approximate(approximate, kLgBwd);
+  check_rows(x, kLgBwd, "x");
+  FASTLM_CHECK(x.device().is_cpu(), kLgBwd, "x must be a CPU tensor, got ", x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  FASTLM_CHECK(weight.dim() == 2, kLgBwd, "weight must be 2-D, got ", weight.sizes());
+  const int64_t N = weight.size(0);
+  check_weight(weight, N, K, x, kLgBwd, "weight");
+  for (const auto& [t, name] : {std::pair{&dy, "dy"}, std::pair{&pre, "pre"}}) {
+    check_rows(*t, kLgBwd, name);
+    FASTLM_CHECK(t->size(0) == M && t->size(1) == N, kLgBwd, name, " must have shape (", M, ", ", N, "), got ",
+                 t->sizes());
+    check_same(*t, x, kLgBwd, name);
+  }
+  // dpre starts as a copy of dy and becomes dy * gelu'(pre) in place; it then drives both GEMMs.
+  auto dpre = at::empty({M, N}, x.options());
+  const int64_t chunks = num_chunks(M);
+  auto db_part = at::zeros({has_bias ? chunks : 0, N}, x.options().dtype(at::kFloat));
+  if (M > 0) dpre.copy_(dy);
+  FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kLgBwd, [&] {
+    dgelu_rows<scalar_t>(dpre.data_ptr<scalar_t>(), N, pre.data_ptr<scalar_t>(), pre.stride(0), nullptr, 0,
+                         has_bias ? db_part.data_ptr<float>() : nullptr, chunks, M, N, tanh_approx);
+  });
+  auto dx = new_output({M, K}, x.options());
+  auto dweight = new_output({N, K}, x.options());
+  at::mm_out(dx, dpre, weight);
+  at::mm_out(dweight, dpre.t(), x);
+  auto dbias = has_bias ? db_part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+  return {dx, dweight, dbias};
+}
+
+// ---- gelu_ffn ----
+
+std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cpu(const at::Tensor& x, const at::Tensor& fc1_weight,
+                                                    const std::optional<at::Tensor>& fc1_bias,
+                                                    const at::Tensor& fc2_weight,
+                                                    const std::optional<at::Tensor>& fc2_bias,
+                                                    c10::string_view approximate, bool save_pre) {
+  const bool tanh_approx = parse_approximate(approximate, kFfnFwd);
+  check_rows(x, kFfnFwd, "x");
+  FASTLM_CHECK(x.device().is_cpu(), kFfnFwd, "x must be a CPU tensor, got ", x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  FASTLM_CHECK(fc1_weight.dim() == 2 && fc2_weight.dim() == 2, kFfnFwd, "fc1_weight and fc2_weight must be 2-D");
+  const int64_t F = fc1_weight.size(0), N = fc2_weight.size(0);
+  check_weight(fc1_weight, F, K, x, kFfnFwd, "fc1_weight");
+  check_weight(fc2_weight, N, F, x, kFfnFwd, "fc2_weight");
+  check_vector(fc1_bias, F, x, kFfnFwd, "fc1_bias");
+  check_vector(fc2_bias, N, x, kFfnFwd, "fc2_bias");
+  auto out = new_output({M, N}, x.options());
+  auto pre = new_output({save_pre ? M : 0, F}, x.options());
+  if (M == 0) return {out, pre};
+  const auto b1 = float_vector(opt_ptr(fc1_bias), F);
+  const int64_t BM = std::min(M, block_rows(F));
+  auto hidden = at::empty({BM, F}, x.options());  // the block's activation, reused by every block
+  const auto w1t = fc1_weight.t(), w2t = fc2_weight.t();
+  for (int64_t r0 = 0; r0 < M; r0 += BM) {
+    const int64_t m = std::min(BM, M - r0);
+    auto h = hidden.narrow(0, 0, m);
+    auto o = out.narrow(0, r0, m);
+    at::mm_out(h, x.narrow(0, r0, m), w1t);
+    FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kFfnFwd, [&] {
+      bias_gelu_rows<scalar_t>(h.data_ptr<scalar_t>(), F, b1.empty() ? nullptr : b1.data(),
+                               save_pre ? pre.data_ptr<scalar_t>() + r0 * F : nullptr, F, m, F, tanh_approx);
+    });
+    if (auto b2 = opt_ptr(fc2_bias)) {
+      at::addmm_out(o, *b2, h, w2t);
+    } else {
+      at::mm_out(o, h, w2t);
+    }
+  }
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+    const at::Tensor& pre, c10::string_view approximate, bool has_fc1_bias, bool has_fc2_bias) {
+  const bool tanh_approx = parse_approximate(approximate, kFfnBwd);
+  check_rows(x, kFfnBwd, "x");
+  FASTLM_CHECK(x.device().is_cpu(), kFfnBwd, "x must be a CPU tensor, got ", x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  FASTLM_CHECK(fc1_weight.dim() == 2 && fc2_weight.dim() == 2, kFfnBwd, "fc1_weight and fc2_weight must be 2-D");
+  const int64_t F = fc1_weight.size(0), N = fc2_weight.size(0);
+  check_weight(fc1_weight, F, K, x, kFfnBwd, "fc1_weight");
+  check_weight(fc2_weight, N, F, x, kFfnBwd, "fc2_weight");
+  for (const auto& [t, name, cols] : {std::tuple{&dy, "dy", N}, std::tuple{&pre, "pre", F}}) {
+    check_rows(*t, kFfnBwd, name);
+    FASTLM_CHECK(t->size(0) == M && t->size(1) == cols, kFfnBwd, name, " must have shape (", M, ", ", cols,
+                 "), got ", t->sizes());
+    check_same(*t, x, kFfnBwd, name);
+  }
+  auto dx = new_output({M, K}, x.options());
+  auto dw1 = new_output({F, K}, x.options());
+  auto dw2 = new_output({N, F}, x.options());
+  auto act = at::empty({M, F}, x.options());   // gelu(pre), for dW2
+  auto dpre = at::empty({M, F}, x.options());  // dy @ W2, then * gelu'(pre) in place
+  const int64_t chunks = num_chunks(std::min(M, block_rows(F)));
+  auto db1_part = at::zeros({has_fc1_bias ? chunks : 0, F}, x.options().dtype(at::kFloat));
+  const int64_t BM = std::max<int64_t>(1, std::min(M, block_rows(F)));
+  for (int64_t r0 = 0; r0 < M; r0 += BM) {
+    const int64_t m = std::min(BM, M - r0);
+    auto d = dpre.narrow(0, r0, m);
+    at::mm_out(d, dy.narrow(0, r0, m), fc2_weight);
+    FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kFfnBwd, [&] {
+      dgelu_rows<scalar_t>(d.data_ptr<scalar_t>(), F, pre.data_ptr<scalar_t>() + r0 * pre.stride(0), pre.stride(0),
+                           act.data_ptr<scalar_t>() + r0 * F, F,
+                           has_fc1_bias ? db1_part.data_ptr<float>() : nullptr, std::min(chunks, m), m, F,
+                           tanh_approx);
+    });
+    auto dxb = dx.narrow(0, r0, m);
+    at::mm_out(dxb, d, fc1_weight);
+  }
+  at::mm_out(dw2, dy.t(), act);
+  at::mm_out(dw1, dpre.t(), x);
+  auto db1 = has_fc1_bias ? db1_part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+  auto db2 = has_fc2_bias ? at::sum(dy, {0}, false, at::kFloat).to(x.scalar_type()) : at::empty({0}, x.options());
+  return {dx, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
+  m.impl("linear_gelu_fwd", &linear_gelu_fwd_cpu);
+  m.impl("linear_gelu_bwd", &linear_gelu_bwd_cpu);
+  m.impl("gelu_ffn_fwd", &gelu_ffn_fwd_cpu);
+  m.impl("gelu_ffn_bwd", &gelu_ffn_bwd_cpu);
+}
+
+}  // namespace fastlm::cpu
