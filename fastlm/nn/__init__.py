@@ -1,7 +1,9 @@
 """Drop-in modules: subclasses of the torch modules they replace, same constructor and state_dict."""
 from fastlm.nn.layer_norm import LayerNorm
+from fastlm.nn.attention import MultiheadAttention
 from fastlm.nn.gelu_ffn import GeluFFN
 from fastlm.nn.kv_cache import StaticKVCache
 
 __all__ = ["LayerNorm", "GeluFFN"]
 __all__ += ["StaticKVCache"]
+__all__ += ["MultiheadAttention"]

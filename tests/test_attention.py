@@ -1,0 +1,310 @@
+"""fastlm.ops.scaled_dot_product_attention and fastlm.nn.MultiheadAttention: parity of every backend
+against the fp64 reference (2x torch's own error for outputs, 3x for gradients), masks, causal, GQA,
+scale, odd shapes and head dims, dropout (reproducible; the backward uses the forward's mask),
+opcheck, torch.compile, and bad inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import ops
+from fastlm.ops import attention as attn_ops
+from fastlm.ops import reference
+from tests.helpers import FULL, INTERPRET, assert_close, backend_params, poison_outputs
+
+OP = "scaled_dot_product_attention"
+
+# (B, H, Hkv, Sq, Sk, D, Dv, mask kind, causal). mask kinds: None, "pad" (B, 1, 1, Sk) bool key padding,
+# "bool" full (B, H, Sq, Sk) bool, "add2d" additive (Sq, Sk), "add_bh" additive (1, H, Sq, Sk).
+CASES_FULL = [
+    (2, 3, 3, 1, 1, 16, 16, None, False),
+    (2, 3, 3, 7, 7, 40, 40, None, True),
+    (1, 4, 2, 17, 129, 64, 64, "pad", False),
+    (2, 2, 2, 127, 130, 80, 80, "bool", False),
+    (1, 2, 1, 129, 127, 96, 96, None, True),
+    (1, 2, 2, 130, 17, 128, 128, "add2d", False),
+    (2, 4, 1, 130, 130, 64, 64, "add_bh", False),
+    (1, 2, 2, 129, 129, 128, 128, None, True),
+    (1, 2, 2, 33, 70, 40, 24, "pad", False),      # value head dim differs from the query's
+    (1, 1, 1, 7, 130, 256, 256, None, False),
+    (1, 2, 2, 127, 1, 64, 64, None, True),
+]
+# Small ones for the Triton interpreter (serial numpy: keep the grids tiny).
+CASES_SMALL = [
+    (1, 2, 2, 1, 1, 16, 16, None, False),
+    (2, 2, 2, 7, 17, 40, 40, None, True),
+    (1, 4, 2, 17, 7, 64, 64, "pad", False),
+    (1, 2, 1, 17, 33, 80, 80, "bool", False),
+    (1, 2, 2, 33, 17, 96, 96, "add2d", False),
+    (1, 1, 1, 20, 20, 128, 128, "add_bh", False),
+    (1, 2, 2, 20, 20, 16, 16, None, True),
+    (1, 1, 1, 9, 12, 40, 24, "pad", False),
+]
+
+
+def _cases(backend: str, device: str):
+    if backend == "triton" and device == "cpu":
+        return CASES_SMALL
+    return CASES_FULL if device == "cpu" or not FULL else CASES_FULL + [
+        (2, 8, 2, 1000, 1000, 128, 128, "pad", False), (1, 8, 8, 2048, 2048, 64, 64, None, True)]
+
+
+def _make_mask(kind, B, H, Sq, Sk, dtype, device):
+    g = torch.Generator().manual_seed(1)
+    if kind is None:
+        return None
+    if kind == "pad":
+        lens = torch.randint(1, Sk + 1, (B,), generator=g)
+        lens[0] = Sk
+        return (torch.arange(Sk)[None, :] < lens[:, None]).view(B, 1, 1, Sk).to(device)
+    if kind == "bool":
+        m = torch.rand(B, H, Sq, Sk, generator=g) > 0.3
+        m[..., 0, :] = False  # a fully masked row: zeros, as torch
+        return m.to(device)
+    if kind == "add2d":
+        return (torch.randn(Sq, Sk, generator=g) * 2).to(dtype).to(device)
+    if kind == "add_bh":
+        m = torch.randn(1, H, Sq, Sk, generator=g)
+        return m.masked_fill(torch.rand(1, H, Sq, Sk, generator=g) > 0.8, float("-inf")).to(dtype).to(device)
+    raise AssertionError(kind)
+
+
+def _inputs(B, H, Hkv, Sq, Sk, D, Dv, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Sq, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, Hkv, Sk, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, Sk, Dv, generator=g).to(device=device, dtype=dtype)
+    do = torch.randn(B, H, Sq, Dv, generator=g).to(device=device, dtype=dtype)
+    return q, k, v, do
+
+
+def _fwd_bwd(fn, q, k, v, do, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    return out, dq, dk, dv
+
+
+def _check_parity(backend, device, dtype, case, scale=None):
+    B, H, Hkv, Sq, Sk, D, Dv, kind, causal = case
+    q, k, v, do = _inputs(B, H, Hkv, Sq, Sk, D, Dv, dtype, device)
+    mask = _make_mask(kind, B, H, Sq, Sk, dtype, device)
+    kw = dict(attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=H != Hkv)
+    with fastlm.use_backend(backend), poison_outputs():
+        got = _fwd_bwd(ops.scaled_dot_product_attention, q, k, v, do, **kw)
+    mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
+    with fastlm.use_backend("reference"):
+        oracle = _fwd_bwd(ops.scaled_dot_product_attention, *(t.double() for t in (q, k, v, do)),
+                          **{**kw, "attn_mask": mask64})
+    base = _fwd_bwd(F.scaled_dot_product_attention, q, k, v, do, **kw)  # torch in the same dtype
+    tag = f"{backend}/{device}/{dtype} {case}"
+    for name, g, o, b, factor in zip(("out", "dq", "dk", "dv"), got, oracle, base, (2, 3, 3, 3)):
+        scale_ref = max(1.0, o.abs().max().item())  # gradients can be large: floor relative to them
+        assert_close(f"{tag} {name}", g, o, b, factor=factor, atol=hf_atol(dtype) * scale_ref)
+
+
+def hf_atol(dtype):
+    return {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params(OP))
+def test_parity(device, backend, dtype):
+    cases = _cases(backend, device)
+    if dtype != torch.float32 and backend in ("reference", "cpu") and not FULL:
+        cases = cases[::2]  # low precision: every other case (the kernels are dtype-agnostic past the loads)
+    for case in cases:
+        _check_parity(backend, device, dtype, case)
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params(OP, dtypes=[torch.float32]))
+def test_scale_and_noncontiguous(device, backend, dtype):
+    small = backend == "triton" and device == "cpu"
+    B, H, S, D = (1, 2, 9, 40) if small else (2, 3, 67, 80)
+    _check_parity(backend, device, dtype, (B, H, H, S, S + 3, D, D, None, False), scale=0.37)
+    # (B, S, H, D) storage viewed as (B, H, S, D): strided heads, as in a fused QKV projection
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, S, 3, H, D, generator=g).to(device)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    with fastlm.use_backend(backend), poison_outputs():
+        out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert_close("noncontiguous", out, ref, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_leading_batch_dims_and_3d():
+    q, k, v = (torch.randn(2, 3, 4, 5, 16) for _ in range(3))
+    mask = torch.rand(3, 1, 5, 5) > 0.2
+    out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+    q3, k3, v3 = (torch.randn(4, 7, 16) for _ in range(3))
+    torch.testing.assert_close(ops.scaled_dot_product_attention(q3, k3, v3, is_causal=True),
+                               F.scaled_dot_product_attention(q3, k3, v3, is_causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_rows_are_zero():
+    q, k, v = (torch.randn(1, 2, 4, 16) for _ in range(3))
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[1] = False
+    for backend in fastlm.available_backends(OP, "cpu"):
+        if backend == "triton" and not INTERPRET:
+            continue
+        with fastlm.use_backend(backend):
+            out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])), backend
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+# ---------------------------------------------- dropout ----------------------------------------------
+
+def _dropout_backends():
+    return [b for b in fastlm.available_backends(OP, "cpu") if b in attn_ops._DROPOUT_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", _dropout_backends())
+def test_dropout_matches_reference_mask(backend):
+    """Same torch seed -> same output; forward and backward equal the fp64 reference fed the very keep
+    mask the RNG defines (the backward regenerates the forward's mask)."""
+    B, H, Hkv, Sq, Sk, D, p = 2, 2, 1, 19, 37, 16, 0.3
+    q, k, v, do = _inputs(B, H, Hkv, Sq, Sk, D, D, torch.float32, "cpu")
+    with fastlm.use_backend(backend), poison_outputs():
+        torch.manual_seed(123)
+        out1, *grads = _fwd_bwd(ops.scaled_dot_product_attention, q, k, v, do, dropout_p=p, is_causal=True,
+                                enable_gqa=True)
+        torch.manual_seed(123)
+        out2 = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+        torch.manual_seed(124)
+        out3 = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+    assert torch.equal(out1, out2)
+    assert not torch.equal(out1, out3)
+    torch.manual_seed(123)
+    rng = torch.randint(0, 2**62, (2,), dtype=torch.int64)  # the draw the op makes
+    keep = reference.attention_dropout_keep_ref(rng, p, B, H, Sq, Sk)
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 0.05, frac
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    o_ref, lse = reference.attention_fwd_ref(q64, k64, v64, None, 1 / math.sqrt(D), True, p, dropout_keep=keep)
+    g_ref = reference.attention_bwd_ref(do64, q64, k64, v64, o_ref, lse, None, 1 / math.sqrt(D), True, p,
+                                        dropout_keep=keep)
+    assert_close(f"{backend} dropout out", out1, o_ref, None, atol=2e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, g_ref):
+        assert_close(f"{backend} dropout {name}", g, r, None, atol=5e-5)
+
+
+def test_dropout_never_silently_ignored():
+    q = torch.randn(1, 1, 4, 16)
+    check = attn_ops._supports(q, q, q, None, 0.5)
+    for backend in ("reference", "cpu", "cuda", "triton"):
+        reason = check(backend)
+        assert (reason is None) == (backend in attn_ops._DROPOUT_BACKENDS), (backend, reason)
+    torch.manual_seed(0)
+    out = ops.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    assert not torch.allclose(out, F.scaled_dot_product_attention(q, q, q))
+
+
+def test_philox_known_answer():
+    # Random123's known-answer vectors for philox4x32_10 (first word).
+    assert int(reference.philox_uint32(0, 0, 0, 0, 0, 0)) == 0x6627E8D5
+    assert int(reference.philox_uint32(0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF,
+                                       0xFFFFFFFF)) == 0x408F276D
+
+
+# ---------------------------------------------- op checks ----------------------------------------------
+
+@pytest.mark.parametrize("backend", [b for b in fastlm.available_backends(OP, "cpu") if b != "triton"])
+def test_opcheck(backend):
+    q, k, v, do = _inputs(1, 2, 1, 5, 9, 16, 16, torch.float32, "cpu")
+    mask = torch.randn(1, 1, 1, 9).expand(1, 2, 5, 9)
+    with fastlm.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, mask, 0.25, False, 0.0, None))
+        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default,
+                              (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, 0.25, True, 0.0, None))
+        out, lse = torch.ops.fastlm.attention_fwd(q.detach(), k.detach(), v.detach(), None, 0.25, True, 0.0, None)
+        torch.library.opcheck(torch.ops.fastlm.attention_bwd.default,
+                              (do, q.detach(), k.detach(), v.detach(), out, lse, None, 0.25, True, 0.0, None))
+
+
+def test_compile_fullgraph():
+    q, k, v, do = _inputs(2, 2, 2, 9, 11, 16, 16, torch.float32, "cpu")
+    mask = torch.rand(2, 1, 1, 11) > 0.2
+
+    def f(q, k, v):
+        return ops.scaled_dot_product_attention(q, k, v, attn_mask=mask) * 2
+
+    got = _fwd_bwd(torch.compile(f, fullgraph=True), q, k, v, do)
+    want = _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * 2, q, k, v, do)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(k=torch.randn(1, 2, 5, 8)), ValueError, "key head dim"),
+    (dict(attn_mask=torch.ones(4, 6, dtype=torch.bool)), ValueError, "attn_mask"),
+    (dict(attn_mask=torch.ones(4, 5, dtype=torch.bool), is_causal=True), ValueError, "is_causal"),
+    (dict(k=torch.randn(1, 3, 5, 16), v=torch.randn(1, 3, 5, 16), enable_gqa=True), ValueError, "multiple"),
+    (dict(k=torch.randn(1, 1, 5, 16), v=torch.randn(1, 1, 5, 16)), ValueError, "enable_gqa"),
+    (dict(v=torch.randn(1, 2, 6, 16)), ValueError, "value"),
+    (dict(k=torch.randn(1, 2, 5, 16, dtype=torch.float64)), TypeError, "key"),
+    (dict(attn_mask=torch.zeros(4, 5, dtype=torch.float64)), TypeError, "attn_mask"),
+    (dict(dropout_p=1.5), ValueError, "dropout_p"),
+    (dict(q=[1.0]), TypeError, "query"),
+    (dict(k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16)), ValueError, "batch"),
+])
+def test_bad_inputs(bad, exc, match):
+    args = dict(q=torch.randn(1, 4, 4, 16), k=torch.randn(1, 2, 5, 16), v=torch.randn(1, 2, 5, 16))
+    args["k"], args["v"] = torch.randn(1, 4, 5, 16), torch.randn(1, 4, 5, 16)
+    args.update({n: bad.pop(n) for n in ("q", "k", "v") if n in bad})
+    with pytest.raises(exc, match=match):
+        ops.scaled_dot_product_attention(args["q"], args["k"], args["v"], **bad)
+
+
+# ---------------------------------------------- nn.MultiheadAttention ----------------------------------------------
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "kpm", "attn_bool", "both_float", "causal"])
+def test_multihead_attention(batch_first, masks):
+    torch.manual_seed(0)
+    E, H, N, L, S = 32, 4, 2, 7, 9
+    if masks == "causal":
+        S = L
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=batch_first)
+    mod = fastlm.nn.MultiheadAttention(E, H, batch_first=batch_first)
+    mod.load_state_dict(ref.state_dict())
+    assert isinstance(mod, torch.nn.MultiheadAttention)
+    shape_q = (N, L, E) if batch_first else (L, N, E)
+    shape_k = (N, S, E) if batch_first else (S, N, E)
+    x = torch.randn(shape_q, requires_grad=True)
+    mem = torch.randn(shape_k, requires_grad=True)
+    kw = {}
+    if masks in ("kpm", "both_float"):
+        kpm = torch.zeros(N, S, dtype=torch.bool)
+        kpm[1, -3:] = True
+        kw["key_padding_mask"] = kpm if masks == "kpm" else torch.zeros(N, S).masked_fill(kpm, float("-inf"))
+    if masks == "attn_bool":
+        kw["attn_mask"] = torch.rand(L, S) > 0.7
+        kw["attn_mask"][:, 0] = False
+    if masks == "both_float":
+        kw["attn_mask"] = torch.randn(N * H, L, S)
+    if masks == "causal":
+        kw["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(L)
+        kw["is_causal"] = True
+    key = x if masks == "causal" else mem
+    out, w = mod(x, key, key, need_weights=False, **kw)
+    want, _ = ref(x, key, key, need_weights=False, **kw)
+    assert w is None
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    params = [x] + list(mod.parameters())
+    got_g = torch.autograd.grad(out, params + ([mem] if key is mem else []), g)
+    want_g = torch.autograd.grad(want, [x] + list(ref.parameters()) + ([mem] if key is mem else []), g)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # need_weights=True defers to torch
+    o2, w2 = mod(x, key, key, need_weights=True, **kw)
+    o3, w3 = ref(x, key, key, need_weights=True, **kw)
+    torch.testing.assert_close(o2, o3)
+    torch.testing.assert_close(w2, w3)
