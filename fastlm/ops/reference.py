@@ -61,11 +61,39 @@ def layer_norm_bwd_ref(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tenso
     dx = rstd.to(ct)[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
     if dsummed is not None:
         dx = dx + dsummed.to(ct)
-    empty = x.new_empty((0,))
-    dweight = (dyc * xhat).sum(0).to(x.dtype) if weight is not None else empty
-    dbias = dyc.sum(0).to(x.dtype) if has_bias else empty
+    dweight = (dyc * xhat).sum(0).to(x.dtype) if weight is not None else x.new_empty((0,))
+    dbias = dyc.sum(0).to(x.dtype) if has_bias else x.new_empty((0,))
     return dx.to(x.dtype), dweight, dbias
 
+
+# ---- Decode attention over a KV cache, and linear (issue 5) --------------------------------------
+
+def decode_attention_fwd_ref(query: Tensor, key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor,
+                             scale: float, upcast: bool = True) -> Tensor:
+    """query (B, H, D); key_cache, value_cache (B, Hkv, S_max, D), H % Hkv == 0 (query head h reads
+    kv head h // (H // Hkv)); cache_seqlens (B,) int. Row b attends to cache positions
+    [0, cache_seqlens[b]): out[b, h] = softmax(scale * q . k[0:len]) @ v[0:len], (B, H, D) in
+    query.dtype. A row of length 0 gives zeros."""
+    B, H, D = query.shape
+    Hkv, S = key_cache.shape[1], key_cache.shape[2]
+    G = H // Hkv
+    ct = _compute_dtype(query.dtype, upcast)
+    q = query.to(ct).reshape(B, Hkv, G, D)
+    scores = torch.einsum("bkgd,bksd->bkgs", q, key_cache.to(ct)) * scale            # (B, Hkv, G, S)
+    valid = torch.arange(S, device=query.device)[None, :] < cache_seqlens.to(query.device).long()[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)                                 # empty rows -> 0
+    out = torch.einsum("bkgs,bksd->bkgd", p, value_cache.to(ct))
+    return out.reshape(B, H, D).to(query.dtype)
+
+
+def linear_fwd_ref(x: Tensor, weight: Tensor, bias: Tensor | None, upcast: bool = True) -> Tensor:
+    """x (M, K), weight (N, K), bias (N,) or None -> x @ weight.T + bias (M, N) in x.dtype."""
+    ct = _compute_dtype(x.dtype, upcast)
+    out = x.to(ct) @ weight.to(ct).t()
+    if bias is not None:
+        out = out + bias.to(ct)
+    return out.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,32 +314,3 @@ def gelu_ffn_bwd_ref(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tens
     db1 = dpre.sum(0).to(x.dtype) if has_fc1_bias else x.new_empty((0,))
     dx = dpre @ fc1_weight.to(ct)
     return dx.to(x.dtype), dw1.to(x.dtype), db1, dw2.to(x.dtype), db2
-
-# ---- Decode attention over a KV cache, and linear (issue 5) --------------------------------------
-
-def decode_attention_fwd_ref(query: Tensor, key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor,
-                             scale: float, upcast: bool = True) -> Tensor:
-    """query (B, H, D); key_cache, value_cache (B, Hkv, S_max, D), H % Hkv == 0 (query head h reads
-    kv head h // (H // Hkv)); cache_seqlens (B,) int. Row b attends to cache positions
-    [0, cache_seqlens[b]): out[b, h] = softmax(scale * q . k[0:len]) @ v[0:len], (B, H, D) in
-    query.dtype. A row of length 0 gives zeros."""
-    B, H, D = query.shape
-    Hkv, S = key_cache.shape[1], key_cache.shape[2]
-    G = H // Hkv
-    ct = _compute_dtype(query.dtype, upcast)
-    q = query.to(ct).reshape(B, Hkv, G, D)
-    scores = torch.einsum("bkgd,bksd->bkgs", q, key_cache.to(ct)) * scale            # (B, Hkv, G, S)
-    valid = torch.arange(S, device=query.device)[None, :] < cache_seqlens.to(query.device).long()[:, None]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)                                 # empty rows -> 0
-    out = torch.einsum("bkgs,bksd->bkgd", p, value_cache.to(ct))
-    return out.reshape(B, H, D).to(query.dtype)
-
-
-def linear_fwd_ref(x: Tensor, weight: Tensor, bias: Tensor | None, upcast: bool = True) -> Tensor:
-    """x (M, K), weight (N, K), bias (N,) or None -> x @ weight.T + bias (M, N) in x.dtype."""
-    ct = _compute_dtype(x.dtype, upcast)
-    out = x.to(ct) @ weight.to(ct).t()
-    if bias is not None:
-        out = out + bias.to(ct)
-    return out.to(x.dtype)
