@@ -283,12 +283,13 @@ def cli_main(args) -> int:
     tokenizer = None
     if args.model:
         model = GPT2.from_hf(args.model, dtype=dtype, device=args.device)
-        try:
-            from transformers import AutoTokenizer
+        if any(os.path.exists(os.path.join(args.model, f)) for f in ("tokenizer.json", "vocab.json")):
+            try:
+                from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except Exception:  # noqa: BLE001 - a folder without a tokenizer still runs on token ids
-            tokenizer = None
+                tokenizer = AutoTokenizer.from_pretrained(args.model)
+            except Exception:  # noqa: BLE001 - a folder without a usable tokenizer still runs on token ids
+                tokenizer = None
     else:
         model = GPT2.random(args.random, dtype=dtype, device=args.device)
     if args.prompt is not None:

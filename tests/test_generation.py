@@ -1,0 +1,213 @@
+"""fastlm.generate and the native GPT-2: token-for-token greedy equality with transformers'
+GPT2LMHeadModel.generate (fp32, random-weight configs, several prompt lengths, a ragged left-padded
+batch), sampling reproducibility, top_k=1 == greedy, eos stop and padding, argument errors raised
+before any work, StaticKVCache, from_hf from a folder, the CLI."""
+import argparse
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.generation import add_cli_arguments, cli_main
+from fastlm.models import GPT2
+from fastlm.nn import StaticKVCache
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+CONFIGS = {
+    # initializer_range well above GPT-2's 0.02: logits spread out, argmax is not a near-tie
+    "small": dict(n_layer=2, n_embd=64, n_head=4, n_positions=96, vocab_size=1000, initializer_range=0.1),
+    "erf-gelu": dict(n_layer=3, n_embd=96, n_head=3, n_positions=96, vocab_size=777, n_inner=200,
+                     activation_function="gelu", initializer_range=0.1),
+}
+
+
+def _hf(name: str, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(bos_token_id=0, eos_token_id=0, **CONFIGS[name])
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_small():
+    return _hf("small")
+
+
+def _hf_greedy(hf, ids, mask=None, n=16, **kw):
+    mask = torch.ones_like(ids) if mask is None else mask
+    return hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("prompt_len", [1, 6, 33])
+def test_greedy_matches_hf(name, prompt_len):
+    hf = _hf(name)
+    ids = torch.randint(1, hf.config.vocab_size, (2, prompt_len))
+    ref = _hf_greedy(hf, ids, n=20)
+    out = fastlm.generate(hf, ids, max_new_tokens=20)
+    assert out.dtype == torch.long and out.shape == ref.shape
+    assert out.tolist() == ref.tolist()
+    # converted once, cached on the HF model
+    native = hf.__dict__["_fastlm_gpt2"]
+    fastlm.generate(hf, ids, max_new_tokens=2)
+    assert hf.__dict__["_fastlm_gpt2"] is native
+
+
+def test_ragged_left_padded_batch_matches_each_prompt_alone(hf_small):
+    lens = [5, 12, 1, 9]
+    S = max(lens)
+    prompts = [torch.randint(1, 1000, (n,)) for n in lens]
+    ids = torch.zeros(len(lens), S, dtype=torch.long)
+    mask = torch.zeros(len(lens), S, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, S - len(p):] = p
+        mask[i, S - len(p):] = 1
+    out = fastlm.generate(hf_small, ids, attention_mask=mask, max_new_tokens=15)
+    ref_batch = _hf_greedy(hf_small, ids, mask, n=15)
+    assert out.tolist() == ref_batch.tolist()
+    for i, p in enumerate(prompts):
+        alone = fastlm.generate(hf_small, p[None], max_new_tokens=15)
+        hf_alone = _hf_greedy(hf_small, p[None], n=15)
+        assert out[i, S:].tolist() == alone[0, len(p):].tolist() == hf_alone[0, len(p):].tolist()
+
+
+def test_native_model_from_folder_and_dtypes(hf_small, tmp_path):
+    hf_small.save_pretrained(tmp_path)
+    native = GPT2.from_hf(str(tmp_path))
+    ids = torch.randint(1, 1000, (1, 7))
+    with torch.no_grad():
+        ref = hf_small(ids).logits[:, -1]
+    torch.testing.assert_close(native(ids), ref, rtol=1e-4, atol=1e-4)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = GPT2.from_hf(hf_small, dtype=dtype)
+        assert low.wte.weight.dtype == dtype
+        out = fastlm.generate(low, ids, max_new_tokens=4)
+        assert out.shape == (1, 11)
+
+
+def test_sampling_reproducible(hf_small):
+    ids = torch.randint(1, 1000, (3, 8))
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+    a = fastlm.generate(hf_small, ids, generator=torch.Generator().manual_seed(123), **kw)
+    b = fastlm.generate(hf_small, ids, generator=torch.Generator().manual_seed(123), **kw)
+    c = fastlm.generate(hf_small, ids, generator=torch.Generator().manual_seed(7), **kw)
+    assert a.tolist() == b.tolist()
+    assert a.tolist() != c.tolist()
+    assert a.shape == (3, 20) and int(a.min()) >= 0 and int(a.max()) < 1000
+
+
+def test_top_k_1_is_greedy(hf_small):
+    ids = torch.randint(1, 1000, (2, 5))
+    greedy = fastlm.generate(hf_small, ids, max_new_tokens=10)
+    sampled = fastlm.generate(hf_small, ids, max_new_tokens=10, do_sample=True, top_k=1, temperature=1.7,
+                              generator=torch.Generator().manual_seed(0))
+    assert sampled.tolist() == greedy.tolist()
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from fastlm.generation import _process_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(_process_logits(logits, 1.0, 0, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(_process_logits(logits, 1.0, 2, 1.0))
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_eos_stops_and_pads(hf_small):
+    ids = torch.randint(1, 1000, (2, 6))
+    free = fastlm.generate(hf_small, ids, max_new_tokens=12)
+    eos = int(free[0, 6 + 3])                      # row 0 produces it at step 4
+    if eos in free[1, 6:].tolist():
+        pytest.skip("row 1 produces the same token")
+    out = fastlm.generate(hf_small, ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=999)
+    ref = _hf_greedy(hf_small, ids, n=12, eos_token_id=eos)
+    row0 = out[0, 6:].tolist()
+    first = row0.index(eos)
+    assert first <= 3 and all(t == 999 for t in row0[first + 1:])
+    assert out[1].tolist() == free[1, :out.shape[1]].tolist()
+    hf_row0 = ref[0, 6:].tolist()
+    assert hf_row0[:first + 1] == row0[:first + 1] and all(t == 0 for t in hf_row0[first + 1:])
+    # every row finished: the loop stops early
+    one = fastlm.generate(hf_small, ids[:1], max_new_tokens=12, eos_token_id=eos)
+    assert one.shape[1] == 6 + first + 1 and int(one[0, -1]) == eos
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def put(self, t):
+        self.calls.append(t.clone())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_streamer_gets_each_step(hf_small):
+    ids = torch.randint(1, 1000, (2, 4))
+    rec = _Recorder()
+    out = fastlm.generate(hf_small, ids, max_new_tokens=5, streamer=rec)
+    assert len(rec.calls) == 1 + 5 + 1 and rec.calls[-1] == "end"
+    assert rec.calls[0].tolist() == ids.tolist()
+    assert torch.stack(rec.calls[1:6], 1).tolist() == out[:, 4:].tolist()
+
+
+def test_errors_before_any_work(hf_small):
+    rec = _Recorder()
+    ids = torch.randint(1, 1000, (1, 90))
+    with pytest.raises(ValueError, match="positions"):
+        fastlm.generate(hf_small, ids, max_new_tokens=7, streamer=rec)    # 97 > 96 positions
+    with pytest.raises(ValueError, match="vocabulary"):
+        fastlm.generate(hf_small, torch.tensor([[1, 2, 1000]]), max_new_tokens=2, streamer=rec)
+    with pytest.raises(ValueError, match="vocabulary"):
+        fastlm.generate(hf_small, torch.tensor([[1, -1]]), max_new_tokens=2, streamer=rec)
+    with pytest.raises(ValueError, match="left-padded"):
+        fastlm.generate(hf_small, torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 1, 0]]), streamer=rec)
+    with pytest.raises(ValueError, match="top_p"):
+        fastlm.generate(hf_small, torch.tensor([[1, 2]]), do_sample=True, top_p=0.0, streamer=rec)
+    with pytest.raises(ValueError, match="temperature"):
+        fastlm.generate(hf_small, torch.tensor([[1, 2]]), do_sample=True, temperature=0.0, streamer=rec)
+    with pytest.raises(TypeError, match="model"):
+        fastlm.generate(torch.nn.Linear(2, 2), torch.tensor([[1, 2]]))
+    assert rec.calls == []
+    # exactly at the limit is fine
+    assert fastlm.generate(hf_small, ids, max_new_tokens=6).shape == (1, 96)
+
+
+def test_static_kv_cache():
+    c = StaticKVCache(2, 3, 2, 4, 5)
+    assert c.k.shape == (2, 3, 2, 4, 5) and c.lengths.tolist() == [0, 0, 0]
+    c.set_lengths(torch.tensor([0, 2, 3], dtype=torch.int32))
+    k, v = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    c.append(1, k, v)
+    c.advance()
+    assert c.lengths.tolist() == [1, 3, 4]
+    for b, p in enumerate([0, 2, 3]):
+        assert torch.equal(c.keys(1)[b, :, p], k[b]) and torch.equal(c.values(1)[b, :, p], v[b])
+    assert c.keys(0).abs().sum() == 0                                    # other layer untouched
+    with pytest.raises(ValueError, match="full"):
+        c.append(0, k, v)                                                # row 2 is at max_seq
+    c.reset()
+    assert c.lengths.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="shape"):
+        c.append(0, k[:2], v[:2])
+    with pytest.raises(ValueError, match="batch"):
+        StaticKVCache(2, 0, 2, 4, 5)
+    # prefill with left padding: each row stored without its pads
+    kk = torch.arange(3 * 2 * 4 * 5, dtype=torch.float32).reshape(3, 2, 4, 5)
+    c.fill(0, kk, kk, start=torch.tensor([0, 1, 3]))
+    assert torch.equal(c.keys(0)[1, :, :3], kk[1, :, 1:]) and torch.equal(c.keys(0)[2, :, :1], kk[2, :, 3:])
+
+
+def test_cli_generate(hf_small, tmp_path, capsys):
+    hf_small.save_pretrained(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path), "--tokens", "5,6,7", "--max-new-tokens", "6"])
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    expected = _hf_greedy(hf_small, torch.tensor([[5, 6, 7]]), n=6)[0, 3:].tolist()
+    assert " ".join(map(str, expected)) in out
+    assert "tokens/s" in out
