@@ -29,7 +29,7 @@ backends.register_op(OP, _BACKENDS, cpp_ops=_CPP_OPS)
 # Largest head dim each kernel backend takes (q/k head dim D and value head dim Dv).
 _MAX_HEAD_DIM = {"cpu": 512, "cuda": 256, "triton": 256}
 # Backends whose kernels implement dropout (the others fall back under "auto").
-_DROPOUT_BACKENDS = {"reference", "cpu", "triton"}
+_DROPOUT_BACKENDS = {"reference", "cpu", "cuda", "triton"}
 
 
 def _supports(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float):
