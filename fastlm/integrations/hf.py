@@ -355,8 +355,8 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
 
     for name, m in model.named_modules():
         t = type(m)
-        if t in _originals:
-            report.already.append(name or "<root>")
+        if t in _originals or (t.__module__.startswith("fastlm.nn") and t not in by_class):
+            report.already.append(name or "<root>")          # already fastlm (patched, or fastlm.nn itself)
             continue
         rule = by_class.get(t)
         if rule is None:
