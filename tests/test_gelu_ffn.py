@@ -95,6 +95,22 @@ def test_linear_gelu_forward_backward(device, backend, dtype, shape, approximate
            (x, w, b), dtype, backend, ["dx", "dweight", "dbias"])
 
 
+@pytest.mark.parametrize("device,backend,dtype", backend_params("gelu_ffn"))
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_inference_forward(device, backend, dtype, approximate):
+    """Under no_grad the pre-activation is not stored (and CUDA may take cuBLASLt's GELU epilogue)."""
+    M, K, F_ = (33, 40, 96) if device == "cpu" else (1031, 768, 3072)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    w1, b1, w2, b2 = _params(K, F_, K, dtype, device, True)
+    with torch.no_grad(), fastlm.use_backend(backend), poison_outputs():
+        y = ops.gelu_ffn(x, w1, b1, w2, b2, approximate)
+        z = ops.linear_gelu(x, w1, b1, approximate)
+    d = [t.double() for t in (x, w1, b1, w2, b2)]
+    assert_close("gelu_ffn", y, _eager_ffn(*d, approximate), _eager_ffn(x, w1, b1, w2, b2, approximate))
+    assert_close("linear_gelu", z, _eager_linear_gelu(*d[:3], approximate),
+                 _eager_linear_gelu(x, w1, b1, approximate))
+
+
 @pytest.mark.parametrize("device,backend,dtype", backend_params("gelu_ffn", dtypes=[torch.float32]))
 def test_leading_dims_and_strided_rows(device, backend, dtype):
     """Any leading batch dims; rows with a stride (a slice of a wider tensor) and a non-contiguous weight."""
