@@ -2,7 +2,7 @@
 // GELU, @ W2^T + b2), forward and backward.
 //
 // Forward of gelu_ffn, by row blocks of BM rows chosen so that the block's hidden activation
-// (BM x F) stays in L2: GEMM (at::mm_out, MKL/oneDNN) of the block into a scratch block, then one
+// (BM x F) stays in cache: GEMM (oneDNN for fp32, see gemm()) of the block into a scratch block, then one
 // vectorized pass (at::vec) that adds b1, optionally stores the pre-activation for the backward and
 // applies the GELU in place, then the second GEMM (+ b2) of the block straight into the output. The
 // hidden activation never makes a round trip through memory, unlike eager's three passes.
@@ -18,6 +18,7 @@
 // Elementwise math is fp32 (fp16/bf16 rows converted in L1-resident scratch rows); the formulas are
 // fastlm_math.h's (the scalar tails call them; the vector bodies are the same formulas on at::vec).
 #include <ATen/Dispatch.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -26,12 +27,21 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string_view>
 #include <vector>
 
 #include "common.h"
 #include "cpu/vec_utils.h"
 #include "fastlm_math.h"
+
+// oneDNN's matmul as ATen exports it (what addmm uses for bf16): C = beta * C + alpha * A @ B on
+// strided fp32/bf16/fp16 matrices, written in place. Declared weak: a torch built without oneDNN
+// leaves it null and the GEMMs fall back to at::mm (BLAS).
+namespace at::native {
+__attribute__((weak)) void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result,
+                                         float beta, float alpha);
+}  // namespace at::native
 
 namespace fastlm::cpu {
 namespace {
@@ -56,11 +66,41 @@ void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Ten
   check_same(w, like, op, name);
 }
 
-// Row block of the fused forward: the fp32 hidden block (BM x F) within ~256 KB (L2 with room for
-// the GEMM's packed panels), at least 16 rows so the GEMMs stay efficient.
+// Why oneDNN for fp32: on this project's CI machine (AMD EPYC, 2 cores) MKL's sgemm (what at::mm and
+// F.linear use for fp32) reaches ~67 GFLOP/s at 2048 x 768 x 3072, oneDNN's matmul ~150 GFLOP/s.
+// FASTLM_CPU_ONEDNN=0 turns it off (BLAS via at::mm), e.g. to compare.
+bool use_onednn(const at::Tensor& c) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FASTLM_CPU_ONEDNN");
+    return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() && !(e != nullptr && e[0] == '0');
+  }();
+  return enabled && c.scalar_type() == at::kFloat;
+}
+
+// c = beta * c + a @ b (beta 0 or 1), c preallocated with a contiguous last dim.
+void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
+  if (c.numel() == 0) return;
+  if (a.size(1) == 0) {
+    if (beta == 0.f) c.zero_();
+    return;
+  }
+  if (use_onednn(c)) {
+    at::native::mkldnn_matmul(a, b, c, beta, 1.f);
+  } else if (beta == 0.f) {
+    auto out = c;
+    at::mm_out(out, a, b);
+  } else {
+    c.addmm_(a, b);
+  }
+}
+
+// Row block of the fused forward: the block's fp32 hidden activation (BM x F) within ~2M floats
+// (8 MB: the L3 share of this machine's two cores), 256..1024 rows. Measured at 2048 x 768 -> 3072
+// (tanh): 64-row blocks lose GEMM efficiency (1.6x eager instead of 2.0x); from 256 rows up the
+// time is flat within noise, so the block is kept as small as that allows.
 int64_t block_rows(int64_t F) {
-  const int64_t bm = (int64_t{1} << 16) / std::max<int64_t>(F, 1);
-  return std::max<int64_t>(16, std::min<int64_t>(256, bm / 8 * 8));
+  const int64_t bm = (int64_t{1} << 21) / std::max<int64_t>(F, 1);
+  return std::max<int64_t>(256, std::min<int64_t>(1024, bm / 16 * 16));
 }
 
 // ---- vectorized GELU (the formulas of fastlm_math.h on at::vec) ----
@@ -207,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& x, cons
   auto out = new_output({M, N}, x.options());
   auto pre = new_output({save_pre ? M : 0, N}, x.options());
   if (M == 0) return {out, pre};
-  at::mm_out(out, x, weight.t());
+  gemm(x, weight.t(), out, 0.f);
   const auto b = float_vector(opt_ptr(bias), N);
   FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kLgFwd, [&] {
     bias_gelu_rows<scalar_t>(out.data_ptr<scalar_t>(), N, b.empty() ? nullptr : b.data(),
@@ -243,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Ten
   });
   auto dx = new_output({M, K}, x.options());
   auto dweight = new_output({N, K}, x.options());
-  at::mm_out(dx, dpre, weight);
-  at::mm_out(dweight, dpre.t(), x);
+  gemm(dpre, weight, dx, 0.f);
+  gemm(dpre.t(), x, dweight, 0.f);
   auto dbias = has_bias ? db_part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dweight, dbias};
 }
@@ -277,16 +317,13 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cpu(const at::Tensor& x, const a
     const int64_t m = std::min(BM, M - r0);
     auto h = hidden.narrow(0, 0, m);
     auto o = out.narrow(0, r0, m);
-    at::mm_out(h, x.narrow(0, r0, m), w1t);
+    gemm(x.narrow(0, r0, m), w1t, h, 0.f);
     FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kFfnFwd, [&] {
       bias_gelu_rows<scalar_t>(h.data_ptr<scalar_t>(), F, b1.empty() ? nullptr : b1.data(),
                                save_pre ? pre.data_ptr<scalar_t>() + r0 * F : nullptr, F, m, F, tanh_approx);
     });
-    if (auto b2 = opt_ptr(fc2_bias)) {
-      at::addmm_out(o, *b2, h, w2t);
-    } else {
-      at::mm_out(o, h, w2t);
-    }
+    if (auto b2 = opt_ptr(fc2_bias)) o.copy_(b2->expand({m, N}));
+    gemm(h, w2t, o, opt_ptr(fc2_bias) != nullptr ? 1.f : 0.f);
   }
   return {out, pre};
 }
@@ -319,18 +356,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
   for (int64_t r0 = 0; r0 < M; r0 += BM) {
     const int64_t m = std::min(BM, M - r0);
     auto d = dpre.narrow(0, r0, m);
-    at::mm_out(d, dy.narrow(0, r0, m), fc2_weight);
+    gemm(dy.narrow(0, r0, m), fc2_weight, d, 0.f);
     FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kFfnBwd, [&] {
       dgelu_rows<scalar_t>(d.data_ptr<scalar_t>(), F, pre.data_ptr<scalar_t>() + r0 * pre.stride(0), pre.stride(0),
                            act.data_ptr<scalar_t>() + r0 * F, F,
                            has_fc1_bias ? db1_part.data_ptr<float>() : nullptr, std::min(chunks, m), m, F,
                            tanh_approx);
     });
-    auto dxb = dx.narrow(0, r0, m);
-    at::mm_out(dxb, d, fc1_weight);
+    gemm(d, fc1_weight, dx.narrow(0, r0, m), 0.f);
   }
-  at::mm_out(dw2, dy.t(), act);
-  at::mm_out(dw1, dpre.t(), x);
+  gemm(dy.t(), act, dw2, 0.f);
+  gemm(dpre.t(), x, dw1, 0.f);
   auto db1 = has_fc1_bias ? db1_part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
   auto db2 = has_fc2_bias ? at::sum(dy, {0}, false, at::kFloat).to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dw1, db1, dw2, db2};
