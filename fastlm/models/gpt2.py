@@ -1,7 +1,7 @@
 """A compact native GPT-2 built from fastlm's ops, for generation (gpt-fast-sized).
 
 prefill: fused add+LayerNorm, ops.scaled_dot_product_attention (causal, key-padding mask for
-left-padded rows), the fused GELU FFN; keys/values go to a StaticKVCache without their padding.
+left-padded rows), the fused Linear+GELU (ops.linear_gelu); keys/values go to a StaticKVCache without their padding.
 decode_step: one token per row, ops.linear (few-row weight-streaming kernel on CPU),
 ops.decode_attention over the cache, logits from the tied embedding.
 """
@@ -159,8 +159,10 @@ class GPT2(torch.nn.Module):
             # decode: the weight-streaming linear, GELU on the few rows in between
             h = F.gelu(ops.linear(x, blk.fc.weight, blk.fc.bias), approximate=self.config.activation)
             return ops.linear(h, blk.proj.weight, blk.proj.bias)
-        return ops.gelu_ffn(x, blk.fc.weight, blk.fc.bias, blk.proj.weight, blk.proj.bias,
-                            approximate=self.config.activation)
+        # prefill: Linear + bias + GELU fused (ops.linear_gelu), then the projection on BLAS. (The fully
+        # fused ops.gelu_ffn is the same math; on CPU its kernel is slower than BLAS for many rows.)
+        h = ops.linear_gelu(x, blk.fc.weight, blk.fc.bias, approximate=self.config.activation)
+        return ops.linear(h, blk.proj.weight, blk.proj.bias)
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor, cache: StaticKVCache, pad_counts: Tensor | None = None) -> Tensor:

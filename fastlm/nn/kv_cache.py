@@ -32,7 +32,9 @@ class StaticKVCache(torch.nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lengths", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
-        self.register_buffer("_rows", torch.arange(batch, device=device), persistent=False)
+        # flat row index of (b, h, position 0) in a layer's (batch * kv_heads * max_seq, head_dim) view
+        base = (torch.arange(batch, device=device)[:, None] * kv_heads + torch.arange(kv_heads, device=device)) * max_seq
+        self.register_buffer("_base", base, persistent=False)
 
     def keys(self, layer: int) -> Tensor:
         return self.k[layer]
@@ -57,9 +59,10 @@ class StaticKVCache(torch.nn.Module):
         if not (self.k.is_cuda and torch.cuda.is_current_stream_capturing()) and not torch.compiler.is_compiling():
             if self.batch and int(pos.max()) >= self.max_seq:
                 raise ValueError(f"StaticKVCache.append: a row is full (max_seq={self.max_seq})")
-        # advanced indices on dims 0 and 2 -> the indexed view is (batch, kv_heads, head_dim)
-        self.k[layer][self._rows, :, pos] = key.to(self.k.dtype)
-        self.v[layer][self._rows, :, pos] = value.to(self.v.dtype)
+        idx = (self._base + pos[:, None]).view(-1)                     # (batch * kv_heads,)
+        D = self.head_dim
+        self.k[layer].view(-1, D).index_copy_(0, idx, key.reshape(-1, D).to(self.k.dtype))
+        self.v[layer].view(-1, D).index_copy_(0, idx, value.reshape(-1, D).to(self.v.dtype))
 
     def advance(self, n: int = 1) -> None:
         """Every row grows by n tokens (after all layers appended)."""
