@@ -24,6 +24,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -45,6 +48,35 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---- register-blocked fp32 GEMM: C[M x N] (+)= A[M x K] B[K x N], N a multiple of kV ----
+// The accumulators are raw __m256 (AVX2 + FMA, as setup.py builds on x86) so that they stay in
+// registers: arrays of at::vec::Vectorized objects get spilled to the stack by GCC.
+#if defined(__AVX2__) && defined(__FMA__)
+template <int MR, int NV>
+inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                       bool accumulate) {
+  static_assert(NV * 8 == NV * kV, "AVX2 micro-kernel expects 8 fp32 lanes");
+  __m256 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? _mm256_loadu_ps(C + r * ldc + v * 8) : _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + k * ldb + v * 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + v * kV, c[r][v]);
+}
+#else
 template <int MR, int NV>
 inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                        bool accumulate) {
@@ -62,6 +94,7 @@ inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, i
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * kV);
 }
+#endif
 
 template <int NV>
 inline void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
@@ -167,7 +200,8 @@ void load_rows(const Strided4<T>& t, int64_t b, int64_t h, int64_t s0, int64_t s
   }
 }
 
-// K^T (D x Skp) and V (Skp x Dvp) of one (b, kv head), fp32, zero padded.
+// K^T of one (b, kv head) as Skp / kBK contiguous (D x kBK) panels (panel jb holds keys
+// [jb * kBK, (jb + 1) * kBK)), and V (Skp x Dvp); fp32, zero padded.
 template <typename T>
 void pack_kv(const Strided4<T>& k, const Strided4<T>& v, const Shapes& s, int64_t b, int64_t hk, float* kt,
              float* vf, std::vector<float>& row) {
@@ -175,7 +209,8 @@ void pack_kv(const Strided4<T>& k, const Strided4<T>& v, const Shapes& s, int64_
   std::fill(kt, kt + s.D * s.Skp, 0.f);
   for (int64_t j = 0; j < s.Sk; ++j) {
     row_to_float(k.row(b, hk, j), row.data(), s.D);
-    for (int64_t d = 0; d < s.D; ++d) kt[d * s.Skp + j] = row[d];
+    float* panel = kt + (j / kBK) * s.D * kBK + (j % kBK);
+    for (int64_t d = 0; d < s.D; ++d) panel[d * kBK] = row[d];
   }
   load_rows(v, b, hk, 0, s.Sk, s.Dv, vf, s.Dvp);
   std::fill(vf + s.Sk * s.Dvp, vf + s.Skp * s.Dvp, 0.f);
@@ -266,7 +301,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         const int64_t bk = std::min(kBK, s.Sk - j0);
         if (mask.block_dead(b, h, j0, j0 + bk)) continue;
         const int64_t bkp = round_up(bk, kV);
-        gemm(bq, bkp, s.D, Q.data(), s.D, KT + j0, s.Skp, S.data(), kBK, false);
+        gemm(bq, bkp, s.D, Q.data(), s.D, KT + j0 * s.D, kBK, S.data(), kBK, false);
         mask_scores(S.data(), bq, bk, i0, j0, causal, mask, b, h);
         for (int64_t r = 0; r < bq; ++r) {
           float* srow = S.data() + r * kBK;
@@ -328,9 +363,12 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
       std::fill(KT.begin(), KT.end(), 0.f);
       std::fill(VT.begin(), VT.end(), 0.f);
       for (int64_t j = 0; j < s.Sk; ++j) {
-        for (int64_t d = 0; d < s.D; ++d) KT[d * Skp + j] = Kf[j * Dp + d];
+        // K^T and V^T as (D x kBK) panels, one per key block (see pack_kv)
+        float* kpanel = KT.data() + (j / kBK) * s.D * kBK + (j % kBK);
+        for (int64_t d = 0; d < s.D; ++d) kpanel[d * kBK] = Kf[j * Dp + d];
         const T* vr = vv.row(b, hk, j);
-        for (int64_t d = 0; d < s.Dv; ++d) VT[d * Skp + j] = static_cast<float>(vr[d]);
+        float* vpanel = VT.data() + (j / kBK) * s.Dv * kBK + (j % kBK);
+        for (int64_t d = 0; d < s.Dv; ++d) vpanel[d * kBK] = static_cast<float>(vr[d]);
       }
       std::fill(dK.begin(), dK.end(), 0.f);
       std::fill(dV.begin(), dV.end(), 0.f);
@@ -353,10 +391,10 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
           for (int64_t i0 = causal ? (j0 / kBQ) * kBQ : 0; i0 < s.Sq; i0 += kBQ) {
             const int64_t bq = std::min(kBQ, s.Sq - i0);
             if (causal && i0 + bq - 1 < j0) continue;
-            gemm(bq, bkp, s.D, Qf.data() + i0 * Dp, Dp, KT.data() + j0, Skp, S.data(), kBK, false);
+            gemm(bq, bkp, s.D, Qf.data() + i0 * Dp, Dp, KT.data() + j0 * s.D, kBK, S.data(), kBK, false);
             for (int64_t r = 0; r < bq; ++r) scale_row(S.data() + r * kBK, scale, bkp);
             mask_scores(S.data(), bq, bk, i0, j0, causal, mask, b, h);
-            gemm(bq, bkp, s.Dv, dOf.data() + i0 * Dvp, Dvp, VT.data() + j0, Skp, dP.data(), kBK, false);
+            gemm(bq, bkp, s.Dv, dOf.data() + i0 * Dvp, Dvp, VT.data() + j0 * s.Dv, kBK, dP.data(), kBK, false);
             for (int64_t r = 0; r < bq; ++r) {
               float* srow = S.data() + r * kBK;  // -> P, then dS
               float* prow = dP.data() + r * kBK;
