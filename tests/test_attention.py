@@ -162,15 +162,17 @@ def test_fully_masked_rows_are_zero():
 # ---------------------------------------------- dropout ----------------------------------------------
 
 def _dropout_backends():
-    return [b for b in fastlm.available_backends(OP, "cpu") if b in attn_ops._DROPOUT_BACKENDS]
+    from tests.helpers import DEVICES
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in fastlm.available_backends(OP, d)
+            if b in attn_ops._DROPOUT_BACKENDS]
 
 
-@pytest.mark.parametrize("backend", _dropout_backends())
-def test_dropout_matches_reference_mask(backend):
+@pytest.mark.parametrize("device,backend", _dropout_backends())
+def test_dropout_matches_reference_mask(device, backend):
     """Same torch seed -> same output; forward and backward equal the fp64 reference fed the very keep
     mask the RNG defines (the backward regenerates the forward's mask)."""
     B, H, Hkv, Sq, Sk, D, p = 2, 2, 1, 19, 37, 16, 0.3
-    q, k, v, do = _inputs(B, H, Hkv, Sq, Sk, D, D, torch.float32, "cpu")
+    q, k, v, do = _inputs(B, H, Hkv, Sq, Sk, D, D, torch.float32, device)
     with fastlm.use_backend(backend), poison_outputs():
         torch.manual_seed(123)
         out1, *grads = _fwd_bwd(ops.scaled_dot_product_attention, q, k, v, do, dropout_p=p, is_causal=True,
@@ -186,7 +188,7 @@ def test_dropout_matches_reference_mask(backend):
     keep = reference.attention_dropout_keep_ref(rng, p, B, H, Sq, Sk)
     frac = keep.float().mean().item()
     assert abs(frac - (1 - p)) < 0.05, frac
-    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    q64, k64, v64, do64 = (t.double().cpu() for t in (q, k, v, do))
     o_ref, lse = reference.attention_fwd_ref(q64, k64, v64, None, 1 / math.sqrt(D), True, p, dropout_keep=keep)
     g_ref = reference.attention_bwd_ref(do64, q64, k64, v64, o_ref, lse, None, 1 / math.sqrt(D), True, p,
                                         dropout_keep=keep)
