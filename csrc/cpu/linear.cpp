@@ -2,12 +2,11 @@
 //
 // With one to a few rows the product is bound by reading W (N x K) from memory once: BLAS kernels
 // pack W for reuse that never comes, and reach a fraction of the read bandwidth. Here the output
-// features are split into contiguous ranges, one per thread (at::parallel_for), so each thread
-// streams its own part of W exactly once. A task takes NR = 4 rows of W at a time and, for every
-// block of MR <= 2 input rows, runs over K with NR x MR fp32 vector accumulators (8 AVX2 registers)
-// (one row, M = 1: each W row is one sequential stream into 4 accumulators, which streams faster);
-// the 4 W rows stay in L1/L2 while the input-row blocks reuse them, so W leaves memory once whatever
-// M is. fp16/bf16 rows of W are converted to an fp32 scratch block first; accumulation is fp32.
+// features are cut into chunks that the threads claim (parallel_range), and each W row is read once,
+// as one sequential stream, against all M input rows (fp32, in L1/L2) in blocks of 8/4/2/1 rows with
+// enough independent AVX2 accumulators to hide the FMA latency. (Register tiles over several W rows
+// were slower: interleaved streams defeat the hardware prefetcher, measured on this machine.)
+// fp16/bf16 rows of W are converted to fp32 scratch first; accumulation is fp32.
 // Many rows (prefill): at::linear (BLAS), which is compute bound and already good there.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,85 +29,47 @@ namespace {
 
 constexpr const char* kOp = "linear_fwd";
 constexpr int64_t kFewRows = 16;  // up to here the weight-streaming kernel; beyond, BLAS
-constexpr int NR = 4;             // weight rows per block
 
-// out[r][m] = sum_k w[r][k] * x[m][k] for NR weight rows (row stride ldw) and MR input rows (ldx).
-// Raw AVX2 intrinsics: the NR x MR accumulators must live in registers (at::vec's class wrapper
-// left them on the stack, which halved the throughput).
-template <int MR>
-inline void micro_kernel(const float* w, int64_t ldw, int nr, const float* x, int64_t ldx, int64_t K,
-                         float (&out)[NR][2]) {
-  const float* wr[NR];
-  for (int r = 0; r < NR; ++r) wr[r] = w + (r < nr ? r : 0) * ldw;  // a short block repeats row 0
+// y[m] = sum_k w[k] * x[m][k] for one W row and MR input rows (row stride ldx), with U k-steps
+// unrolled: MR * U independent fp32 accumulators (>= 4 hide the FMA latency). The W row is one
+// sequential stream that the hardware prefetcher follows; the x rows sit in L1/L2.
+template <int MR, int U>
+inline void row_times_rows(const float* w, const float* x, int64_t ldx, int64_t K, float* y) {
   int64_t k = 0;
+  float s[MR];
+  for (int m = 0; m < MR; ++m) s[m] = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc[NR][MR];
+  __m256 acc[MR][U];
 #pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 2
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+  for (; k + 8 * U <= K; k += 8 * U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = _mm256_loadu_ps(w + k + 8 * u);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * u), acc[m][u]);
+    }
+  }
   for (; k + 8 <= K; k += 8) {
-    // Software prefetch ~1 KB ahead on every W row (once per 64-byte line): keeps enough lines in
-    // flight per core that the stream runs at the memory's read bandwidth, not at its latency.
-    if ((k & 15) == 0) {
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) __builtin_prefetch(wr[r] + k + 256, 0, 0);
-    }
-    __m256 xv[MR];
-#pragma GCC unroll 2
-    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      const __m256 wv = _mm256_loadu_ps(wr[r] + k);
-#pragma GCC unroll 2
-      for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
-    }
+    const __m256 wv = _mm256_loadu_ps(w + k);
+    for (int m = 0; m < MR; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k), acc[m][0]);
   }
-  for (int r = 0; r < NR; ++r) {
-    for (int m = 0; m < MR; ++m) {
-      // horizontal sum of 8 lanes
-      __m128 lo = _mm256_castps256_ps128(acc[r][m]), hi = _mm256_extractf128_ps(acc[r][m], 1);
-      lo = _mm_add_ps(lo, hi);
-      lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-      lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-      out[r][m] = _mm_cvtss_f32(lo);
-    }
+  for (int m = 0; m < MR; ++m) {
+    __m256 t = acc[m][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][u]);
+    __m128 lo = _mm256_castps256_ps128(t), hi = _mm256_extractf128_ps(t, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    s[m] = _mm_cvtss_f32(lo);
   }
-#else
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) out[r][m] = 0.f;
 #endif
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) {
-      float s = out[r][m];
-      for (int64_t kk = k; kk < K; ++kk) s += wr[r][kk] * x[m * ldx + kk];
-      out[r][m] = s;
-    }
-}
-
-// sum_k w[k] * x[k] for one W row: one sequential stream, 4 independent accumulators (the FMA
-// latency is hidden and the hardware prefetcher sees a single stream: the fastest form for M = 1).
-inline float row_dot(const float* w, const float* x, int64_t K) {
-  int64_t k = 0;
-  float s = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (; k + 32 <= K; k += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  for (int m = 0; m < MR; ++m) {
+    for (int64_t kk = k; kk < K; ++kk) s[m] += w[kk] * x[m * ldx + kk];
+    y[m] = s[m];
   }
-  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-  __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-  __m128 lo = _mm256_castps256_ps128(t), hi = _mm256_extractf128_ps(t, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  s = _mm_cvtss_f32(lo);
-#endif
-  for (; k < K; ++k) s += w[k] * x[k];
-  return s;
 }
 
 template <typename T>
@@ -121,36 +82,39 @@ void linear_few_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor*
   if (bias) row_to_float(bias->data_ptr<T>(), bf.data(), N);
   const T* wp = w.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  const int64_t blocks = (N + NR - 1) / NR;
-  // Grain: enough W per task (>= 256 KB) that scheduling costs nothing next to the stream.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K * NR, 1));
-  parallel_range(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> wbuf(std::is_same_v<T, float> ? 0 : NR * K);
-    std::vector<float> ybuf(std::is_same_v<T, float> ? 0 : M * NR);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * NR;
-      const int nr = static_cast<int>(std::min<int64_t>(NR, N - n0));
+  // Grain: enough W per chunk (>= 256 KB) that claiming chunks costs nothing next to the stream.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1));
+  parallel_range(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> wbuf(std::is_same_v<T, float> ? 0 : K);
+    float out[8];
+    for (int64_t n = begin; n < end; ++n) {
       const float* wf;
       if constexpr (std::is_same_v<T, float>) {
-        wf = wp + n0 * K;
+        wf = wp + n * K;
       } else {
-        for (int r = 0; r < nr; ++r) row_to_float(wp + (n0 + r) * K, wbuf.data() + r * K, K);
+        row_to_float(wp + n * K, wbuf.data(), K);
         wf = wbuf.data();
       }
-      if (M == 1) {
-        for (int r = 0; r < nr; ++r) yp[n0 + r] = static_cast<T>(row_dot(wf + r * K, xf.data(), K) + bf[n0 + r]);
-        continue;
-      }
-      float out[NR][2];
       int64_t m = 0;
-      for (; m + 2 <= M; m += 2) {
-        micro_kernel<2>(wf, K, nr, xf.data() + m * K, K, K, out);
-        for (int mm = 0; mm < 2; ++mm)
-          for (int r = 0; r < nr; ++r) yp[(m + mm) * N + n0 + r] = static_cast<T>(out[r][mm] + bf[n0 + r]);
+      auto emit = [&](int cnt) {
+        for (int i = 0; i < cnt; ++i) yp[(m + i) * N + n] = static_cast<T>(out[i] + bf[n]);
+        m += cnt;
+      };
+      while (M - m >= 8) {
+        row_times_rows<8, 1>(wf, xf.data() + m * K, K, K, out);
+        emit(8);
       }
-      if (m < M) {
-        micro_kernel<1>(wf, K, nr, xf.data() + m * K, K, K, out);
-        for (int r = 0; r < nr; ++r) yp[m * N + n0 + r] = static_cast<T>(out[r][0] + bf[n0 + r]);
+      if (M - m >= 4) {
+        row_times_rows<4, 2>(wf, xf.data() + m * K, K, K, out);
+        emit(4);
+      }
+      if (M - m >= 2) {
+        row_times_rows<2, 2>(wf, xf.data() + m * K, K, K, out);
+        emit(2);
+      }
+      if (M - m == 1) {
+        row_times_rows<1, 4>(wf, xf.data() + m * K, K, K, out);
+        emit(1);
       }
     }
   });
