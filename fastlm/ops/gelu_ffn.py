@@ -237,5 +237,6 @@ def gelu_ffn(input: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_
     w2 = _weight(op, "fc2_weight", fc2_weight, input, w1.shape[0], "fc1_weight's output")
     b2 = _bias(op, "fc2_bias", fc2_bias, input, w2.shape[0])
     x = _checks.rows(input, input.shape[-1])
-    out, _ = gelu_ffn_fwd(x, w1, b1, w2, b2, approximate, _needs_grad(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    save_pre = _needs_grad(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    out, _ = gelu_ffn_fwd(x, w1, b1, w2, b2, approximate, save_pre)
     return out.view(*input.shape[:-1], w2.shape[0])
