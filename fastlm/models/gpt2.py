@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import ops
+from fastlm.ops.decode import decode_attention_unchecked
 from fastlm.nn import LayerNorm, StaticKVCache
 
 
@@ -214,6 +215,7 @@ class GPT2(torch.nn.Module):
         c = self.config
         B = tokens.shape[0]
         H, D = c.n_head, c.head_dim
+        cache.check_room()                                  # once a step, not per layer
         pos = cache.lengths.long()
         lens = cache.next_lengths()
         h = self.wte(tokens) + self.wpe(pos)                                                  # (B, d)
@@ -223,9 +225,9 @@ class GPT2(torch.nn.Module):
                 x = ops.layer_norm(h, (c.n_embd,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
             qkv = ops.linear(x, blk.c_attn.weight, blk.c_attn.bias).view(B, 3, H, D)
             q, k, v = qkv.unbind(1)                                                           # (B, H, D)
-            cache.append(layer, k, v)
-            a = ops.decode_attention(q, cache.keys(layer), cache.values(layer), lens,
-                                     scale=1.0 / math.sqrt(D))
+            cache.append(layer, k, v, check=False)
+            a = decode_attention_unchecked(q.contiguous(), cache.keys(layer), cache.values(layer), lens,
+                                           1.0 / math.sqrt(D))
             a = ops.linear(a.reshape(B, c.n_embd), blk.c_proj.weight, blk.c_proj.bias)
             x, h = ops.add_layer_norm(a, h, (c.n_embd,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
             m = self._mlp(blk, x)

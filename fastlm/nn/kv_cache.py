@@ -50,15 +50,22 @@ class StaticKVCache(torch.nn.Module):
         """lengths + 1: the attention lengths of a decode step, once its token has been appended."""
         return self.lengths + 1
 
-    def append(self, layer: int, key: Tensor, value: Tensor) -> None:
+    def check_room(self, n: int = 1) -> None:
+        """Raise if a row cannot take n more tokens (a host read of the lengths: skipped while a CUDA
+        graph is being captured or under torch.compile)."""
+        if (self.k.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling():
+            return
+        if self.batch and int(self.lengths.max()) + n > self.max_seq:
+            raise ValueError(f"StaticKVCache: a row is full (max_seq={self.max_seq})")
+
+    def append(self, layer: int, key: Tensor, value: Tensor, check: bool = True) -> None:
         """Write one token per row, key/value (batch, kv_heads, head_dim), at position lengths[b] of
-        row b (in place, no host sync). Raises if a row is full (checked only outside graph capture)."""
+        row b (in place). check=False skips the room check (the caller ran check_room once a step)."""
         self._check_kv("append", key, (self.batch, self.kv_heads, self.head_dim))
         self._check_kv("append", value, (self.batch, self.kv_heads, self.head_dim))
+        if check:
+            self.check_room()
         pos = self.lengths.long()
-        if not (self.k.is_cuda and torch.cuda.is_current_stream_capturing()) and not torch.compiler.is_compiling():
-            if self.batch and int(pos.max()) >= self.max_seq:
-                raise ValueError(f"StaticKVCache.append: a row is full (max_seq={self.max_seq})")
         idx = (self._base + pos[:, None]).view(-1)                     # (batch * kv_heads,)
         D = self.head_dim
         self.k[layer].view(-1, D).index_copy_(0, idx, key.reshape(-1, D).to(self.k.dtype))
