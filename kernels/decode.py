@@ -44,8 +44,9 @@ def _decode_attention_split_kernel(
     q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32) * scale
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
-    m_i = -float("inf")
-    l_i = 0.0
+    # loop-carried state as fp32 tensors from the start (the GPU compiler requires stable types)
+    m_i = tl.full([], -float("inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
