@@ -5,7 +5,8 @@ nothing), one program per BLOCK_M x BLOCK_N tile of C in grouped order (GROUP_M 
 their B column tiles while those are hot in L2; Triton tutorial 03), fp32 accumulation, with fused
 epilogues:
   EPI_BIAS_GELU  C = gelu(acc + bias); the pre-activation acc + bias is stored too when the backward
-                 needs it (storing beats recomputing a GEMM in the backward; not yet measured on a GPU)
+                 needs it (storing spares the backward a GEMM; store vs recompute is not yet measured on
+                 a GPU)
   EPI_DGELU      C = acc * gelu'(P) with P the saved pre-activation (the backward's dact = dy @ W2 turns
                  into dpre in the GEMM epilogue); gelu(P), the activation dW2 needs, is stored alongside
   EPI_NONE       C = acc (+ bias)

@@ -4,8 +4,10 @@
 // Forward of gelu_ffn, by row blocks of BM rows chosen so that the block's hidden activation
 // (BM x F) stays in cache: GEMM (oneDNN for fp32, see gemm()) of the block into a scratch block, then one
 // vectorized pass (at::vec) that adds b1, optionally stores the pre-activation for the backward and
-// applies the GELU in place, then the second GEMM (+ b2) of the block straight into the output. The
-// hidden activation never makes a round trip through memory, unlike eager's three passes.
+// applies the GELU in place, then the second GEMM (+ b2) of the block straight into the output: the
+// hidden block is reused while it is in cache, where eager makes three passes over an (M, F) tensor.
+// Measured (2 cores, AMD EPYC): nearly all of the gain over eager comes from oneDNN's GEMMs; with
+// BLAS GEMMs (FASTLM_CPU_ONEDNN=0) the fused op is at parity with eager (0.93-1.02x).
 // linear_gelu: one GEMM into the output, then the same bias+GELU pass in place.
 //
 // Backward (dpre = dact * gelu'(pre)): by row blocks, dact = dy @ W2 into the dpre buffer, then one
