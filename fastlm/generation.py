@@ -317,5 +317,5 @@ def cli_main(args) -> int:
     pre = B * S / stats["prefill_s"] if stats["prefill_s"] > 0 else float("inf")
     dec = B * max(n - 1, 0) / stats["decode_s"] if stats["decode_s"] > 0 else float("inf")
     print(f"prefill: {B}x{S} tokens in {stats['prefill_s'] * 1e3:.1f} ms ({pre:,.0f} tokens/s); "
-          f"decode: {B}x{n} new tokens in {stats['decode_s'] * 1e3:.1f} ms ({dec:,.1f} tokens/s)")
+          f"decode: {max(n - 1, 0)} steps x {B} rows in {stats['decode_s'] * 1e3:.1f} ms ({dec:,.1f} tokens/s)")
     return 0

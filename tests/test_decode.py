@@ -86,8 +86,6 @@ def test_decode_attention_grad():
 
 @pytest.mark.parametrize("backend", fastlm.available_backends("decode_attention", "cpu"))
 def test_opcheck(backend):
-    if backend == "triton":
-        pytest.skip("opcheck runs the op several times; the interpreter is covered by the parity tests")
     q, k, v, L = _inputs(2, 4, 2, 9, 16, [3, 9], torch.float32, "cpu")
     with fastlm.use_backend(backend):
         torch.library.opcheck(torch.ops.fastlm.decode_attention_fwd.default, (q, k, v, L, 0.25))
