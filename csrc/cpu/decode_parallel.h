@@ -83,7 +83,7 @@ class ChunkPool {
     uint64_t seen = 0;
     while (true) {
       uint64_t v = next_.load(std::memory_order_acquire);
-      for (int spin = 0; (v >> 32) == (seen >> 32) && spin < 20000; ++spin) {  // ~tens of us
+      for (int spin = 0; (v >> 32) == (seen >> 32) && spin < 2000; ++spin) {  // ~10-50 us: long spins steal the core from the caller when the machine is busy
 #if defined(__x86_64__)
         __builtin_ia32_pause();
 #endif
@@ -123,7 +123,8 @@ class ChunkPool {
   std::mutex call_mutex_, start_mutex_;
 };
 
-// f(begin, end) over [begin, end) cut into chunks of at least `grain` (about 4 per thread).
+// f(begin, end) over [begin, end) cut into chunks of at least `grain` (about 16 per thread: small
+// chunks bound the time the caller can wait on a worker preempted mid-chunk).
 template <class F>
 inline void parallel_range(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
@@ -133,7 +134,7 @@ inline void parallel_range(int64_t begin, int64_t end, int64_t grain, const F& f
     f(begin, end);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + 4 * threads - 1) / (4 * threads));
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + 16 * threads - 1) / (16 * threads));
   const int64_t chunks = (n + chunk - 1) / chunk;
   ChunkPool::get().run(chunks, [&](int64_t c) {
     const int64_t b = begin + c * chunk;

@@ -82,8 +82,8 @@ void linear_few_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor*
   if (bias) row_to_float(bias->data_ptr<T>(), bf.data(), N);
   const T* wp = w.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  // Grain: enough W per chunk (>= 256 KB) that claiming chunks costs nothing next to the stream.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1));
+  // Grain: enough W per chunk (>= 64 KB) that claiming chunks costs nothing next to the stream.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(K, 1));
   parallel_range(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> wbuf(std::is_same_v<T, float> ? 0 : K);
     float out[8];
