@@ -80,3 +80,23 @@ def test_bad_inputs():
         ops.linear(x.long(), w, b)
     with pytest.raises(TypeError, match="weight"):
         ops.linear(x, "w")
+
+
+def test_linear_concurrent_callers():
+    """The CPU kernel's thread pool serves several Python threads at once (each gets its own result)."""
+    import threading
+
+    ws = [torch.randn(1000 + 7 * i, 96) for i in range(3)]
+    x = torch.randn(2, 96)
+    errs = []
+
+    def run(w):
+        for _ in range(20):
+            errs.append((ops.linear(x, w) - F.linear(x, w)).abs().max().item())
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in ws]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errs) == 60 and max(errs) < 1e-4

@@ -24,6 +24,12 @@ namespace fastlm::cpu {
 
 class ChunkPool {
  public:
+  // True on a pool worker and on a caller inside run(): a nested parallel_range runs serially.
+  static bool& inside() {
+    static thread_local bool flag = false;
+    return flag;
+  }
+
   static ChunkPool& get() {
     static ChunkPool* pool = new ChunkPool();  // never destroyed: workers may outlive static teardown
     return *pool;
@@ -38,6 +44,10 @@ class ChunkPool {
       return;
     }
     std::lock_guard<std::mutex> guard(call_mutex_);  // one call at a time (concurrent callers queue)
+    struct Inside {
+      Inside() { inside() = true; }
+      ~Inside() { inside() = false; }
+    } inside_guard;
     const uint64_t gen = (next_.load(std::memory_order_relaxed) >> 32) + 1;
     fn_ = &trampoline<F>;
     ctx_ = &fn;
@@ -80,6 +90,7 @@ class ChunkPool {
   }
 
   void worker() {
+    inside() = true;
     uint64_t seen = 0;
     while (true) {
       uint64_t v = next_.load(std::memory_order_acquire);
@@ -130,7 +141,7 @@ inline void parallel_range(int64_t begin, int64_t end, int64_t grain, const F& f
   const int64_t n = end - begin;
   if (n <= 0) return;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  if (threads == 1 || n <= grain || at::in_parallel_region()) {
+  if (threads == 1 || n <= grain || at::in_parallel_region() || ChunkPool::inside()) {
     f(begin, end);
     return;
   }
