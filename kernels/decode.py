@@ -22,7 +22,8 @@ from fastlm.kernels.utils import INTERPRET, new_output, next_pow2
 
 @triton.jit
 def _decode_attention_split_kernel(
-    Q, K, V, Lens, O_part, Lse_part,        # q (B, H, D), k/v caches (B, Hkv, S_max, D), lens (B,), partial out (B*H, SPLITS, D) fp32, lse (B*H, SPLITS) fp32
+    Q, K, V, Lens,                          # q (B, H, D), k/v caches (B, Hkv, S_max, D), lens (B,)
+    O_part, Lse_part,                       # partial out (B*H, SPLITS, D) fp32, lse (B*H, SPLITS) fp32
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,

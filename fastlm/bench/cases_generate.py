@@ -146,7 +146,8 @@ def _make_decode_attention(B, H, Hkv, S, D):
         kr, vr = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
 
         impls = {
-            "torch sdpa (masked)": lambda: F.scaled_dot_product_attention(q[:, :, None], kr, vr, attn_mask=mask)[:, :, 0],
+            "torch sdpa (masked)": lambda: F.scaled_dot_product_attention(q[:, :, None], kr, vr,
+                                                                          attn_mask=mask)[:, :, 0],
             "reference": lambda: reference.decode_attention_fwd_ref(q, k, v, lens, scale),
         }
         backends = bench_backends("decode_attention", device)
@@ -183,7 +184,8 @@ def _make_linear(M, K, N):
                  "read (w.sum)": rotating(lambda w_: w_.view(-1).sum())}
         backends = bench_backends("linear", device)
         for be in backends:
-            impls[f"fastlm:{be}"] = rotating(functools.partial(lambda be_, w_: _with_backend(be_, lambda: ops.linear(x, w_, b)), be))
+            impls[f"fastlm:{be}"] = rotating(functools.partial(
+                lambda be_, w_: _with_backend(be_, lambda: ops.linear(x, w_, b)), be))
 
         def check():
             oracle = F.linear(x.double(), w.double(), b.double())
@@ -217,7 +219,8 @@ for _B, _H, _Hkv, _S, _D, _devs, _quick in [
         (1, 32, 8, 4096, 128, ("cpu", "cuda"), False),
         (1, 12, 12, 65536, 64, ("cuda",), False), (64, 12, 12, 1024, 64, ("cuda",), False),
         (64, 32, 8, 2048, 128, ("cuda",), False)]:
-    register(Case(suite="generate", family="decode_attention", name=f"decode_attention b{_B} h{_H} kv{_Hkv} s{_S} d{_D}",
+    register(Case(suite="generate", family="decode_attention",
+                  name=f"decode_attention b{_B} h{_H} kv{_Hkv} s{_S} d{_D}",
                   make=_make_decode_attention(_B, _H, _Hkv, _S, _D),
                   params={"batch": _B, "heads": _H, "kv_heads": _Hkv, "s_max": _S, "head_dim": _D},
                   quick=_quick, devices=_devs))

@@ -107,7 +107,8 @@ class GPT2(torch.nn.Module):
             raise TypeError(f"GPT2.from_hf: expected a transformers GPT2LMHeadModel, got {type(hf).__name__}")
         hc = hf.config
         if getattr(hc, "scale_attn_by_inverse_layer_idx", False) or getattr(hc, "reorder_and_upcast_attn", False):
-            raise ValueError("GPT2.from_hf: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+            raise ValueError("GPT2.from_hf: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+                             "are not supported")
         if not getattr(hc, "scale_attn_weights", True):
             raise ValueError("GPT2.from_hf: scale_attn_weights=False is not supported")
         act = _ACTIVATIONS.get(hc.activation_function)

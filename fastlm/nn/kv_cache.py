@@ -27,13 +27,15 @@ class StaticKVCache(torch.nn.Module):
         dtype = dtype or torch.get_default_dtype()
         if not dtype.is_floating_point:
             raise TypeError(f"StaticKVCache: dtype must be a floating-point dtype, got {dtype}")
-        self.n_layers, self.batch, self.kv_heads, self.max_seq, self.head_dim = n_layers, batch, kv_heads, max_seq, head_dim
+        self.n_layers, self.batch, self.kv_heads = n_layers, batch, kv_heads
+        self.max_seq, self.head_dim = max_seq, head_dim
         shape = (n_layers, batch, kv_heads, max_seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lengths", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
         # flat row index of (b, h, position 0) in a layer's (batch * kv_heads * max_seq, head_dim) view
-        base = (torch.arange(batch, device=device)[:, None] * kv_heads + torch.arange(kv_heads, device=device)) * max_seq
+        rows, heads = torch.arange(batch, device=device), torch.arange(kv_heads, device=device)
+        base = (rows[:, None] * kv_heads + heads[None, :]) * max_seq
         self.register_buffer("_base", base, persistent=False)
 
     def keys(self, layer: int) -> Tensor:
