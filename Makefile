@@ -28,8 +28,9 @@ $(STAMP):
 	touch $@
 
 build: $(BUILT)
-$(BUILT): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
-	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+$(BUILT): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+	@start=$$(date +%s); $(BIN)/pip install -q --no-build-isolation --no-deps -e . && \
+	echo "fastlm: package and extension built in $$(( $$(date +%s) - start )) s"
 	touch $@
 
 test: build

@@ -55,6 +55,13 @@ def _extensions():
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec picks its AVX2 specialisations from these macros; AVX2+FMA is every x86 server since 2013.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    link = []
+    if platform.system() == "Linux":
+        # at::parallel_for is header code (ATen/ParallelOpenMP.h): without -fopenmp its
+        # `#pragma omp parallel` is ignored and every CPU kernel runs on one thread. The soname
+        # libgomp.so.1 is the one torch loads, so the process keeps a single OpenMP runtime.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
 
@@ -73,12 +80,12 @@ def _extensions():
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "fastlm._C", sources, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
         )
     else:
         ext = cpp_extension.CppExtension(
             "fastlm._C", sources, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx}, extra_link_args=link,
         )
     print(f"fastlm: building fastlm._C with {'CPU + CUDA (' + os.environ['TORCH_CUDA_ARCH_LIST'] + ')' if with_cuda else 'CPU only'} kernels")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

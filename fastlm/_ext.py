@@ -26,7 +26,7 @@ def _jit_build():
     if not os.path.isdir(_CSRC):
         raise ImportError(f"FASTLM_JIT=1 but the sources are not at {_CSRC}")
     sources = [os.path.join(_CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(_CSRC, "cpu", "*.cpp")))
-    cflags = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas"]
+    cflags = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-fopenmp"]  # see setup.py
     cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if cuda:
         sources += sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cpp")))
@@ -35,7 +35,7 @@ def _jit_build():
     return cpp_extension.load(
         name="fastlm_C_jit", sources=sources, extra_include_paths=[_CSRC], extra_cflags=cflags,
         extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DFASTLM_WITH_CUDA"],
-        with_cuda=cuda, is_python_module=False, verbose=False,
+        extra_ldflags=["-fopenmp"], with_cuda=cuda, is_python_module=False, verbose=False,
     )
 
 
