@@ -112,7 +112,7 @@ def _make_phase(size, B, P, phase):
             def hf_fn():
                 with torch.inference_mode():
                     out = hf(tok, past_key_values=hf_cache, position_ids=pos, use_cache=True).logits[:, -1]
-                    hf_cache.crop(P)
+                    hf_cache.crop(-1)                  # drop the token just appended
                     return out
 
             def fl_fn():
