@@ -125,29 +125,51 @@ def _import_ops() -> None:
     import fastlm.ops  # noqa: F401  (registers every op family)
 
 
+# What a machine has does not change while a process runs (the extension, triton and the devices are
+# probed once); only TRITON_INTERPRET is read again, as it is part of the key.
+_avail_cache: dict[tuple, tuple[str, ...]] = {}
+_reason_cache: dict[tuple, str | None] = {}
+
+
 def available_backends(op: str | None = None, device="cpu") -> list[str]:
     """The backends that can run `op` (a name in fastlm.ops; None: any op) on `device`, in the order
     "auto" tries them."""
-    dev = _device_type(device)
+    return list(_available(op, _device_type(device)))
+
+
+def _available(op: str | None, dev: str) -> tuple[str, ...]:
+    key = (op, dev, os.environ.get("TRITON_INTERPRET"))
+    hit = _avail_cache.get(key)
+    if hit is not None:
+        return hit
     _import_ops()
     if op is not None and op not in _OPS:
         raise ValueError(f"available_backends: unknown op {op!r}; known: {sorted(_OPS)}")
     order = (_OPS[op]["order"].get(dev) if op is not None else None) or _AUTO_ORDER.get(dev, ("reference",))
-    return [b for b in order if unavailable_reason(b, dev, op) is None]
+    result = tuple(b for b in order if unavailable_reason(b, dev, op) is None)
+    _avail_cache[key] = result
+    return result
+
+
+def _cached_reason(backend: str, dev: str, op: str) -> str | None:
+    key = (backend, dev, op, os.environ.get("TRITON_INTERPRET"))
+    if key not in _reason_cache:
+        _reason_cache[key] = unavailable_reason(backend, dev, op)
+    return _reason_cache[key]
 
 
 def select(op: str, device, supports: Callable[[str], str | None]) -> str:
     """The backend that runs this call. `supports(backend)` returns None or why the inputs are not
     supported by that backend (dtype, shape...)."""
-    dev = _device_type(device)
+    dev = device.type if isinstance(device, torch.device) else _device_type(device)
     forced = current_backend()
     if forced != "auto":
-        reason = unavailable_reason(forced, dev, op) or supports(forced)
+        reason = _cached_reason(forced, dev, op) or supports(forced)
         if reason is not None:
             raise BackendUnavailableError(f"fastlm.ops.{op}: backend {forced!r} cannot run this call: {reason}")
         return forced
     skipped = []
-    for name in available_backends(op, dev):
+    for name in _available(op, dev):
         reason = supports(name)
         if reason is None:
             for s_name, s_reason in skipped:

@@ -75,15 +75,19 @@ void layer_norm_fwd_rows(const at::Tensor& x, const at::Tensor* residual, const 
       meanp[row] = mu;
       rstdp[row] = r;
       // y = (x - mean) * rstd * w + b, written to the output row (fp32) or to xbuf then converted.
-      float* yf;
+      // Local restrict pointers: through the captured vectors, every store to yf would force the
+      // compiler to reload w.data() and b.data() (they could alias).
+      float* __restrict yf;
       if constexpr (std::is_same_v<T, float>) yf = op + row * N; else yf = xbuf.data();
+      const float* __restrict wp = w.data();
+      const float* __restrict bp = b.data();
       const fVec vmu(mu), vr(r);
       int64_t i = 0;
       for (; i + fVec::size() <= N; i += fVec::size()) {
         fVec xh = (fVec::loadu(xf + i) - vmu) * vr;
-        at::vec::fmadd(xh, fVec::loadu(w.data() + i), fVec::loadu(b.data() + i)).store(yf + i);
+        at::vec::fmadd(xh, fVec::loadu(wp + i), fVec::loadu(bp + i)).store(yf + i);
       }
-      for (; i < N; ++i) yf[i] = (xf[i] - mu) * r * w[i] + b[i];
+      for (; i < N; ++i) yf[i] = (xf[i] - mu) * r * wp[i] + bp[i];
       if constexpr (!std::is_same_v<T, float>) row_from_float(yf, op + row * N, N);
     }
   });
@@ -93,6 +97,7 @@ template <typename T>
 void layer_norm_bwd_rows(const at::Tensor& dy, const at::Tensor& x, const std::vector<float>& w,
                          const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor* dsummed,
                          at::Tensor& dx, at::Tensor& dw_part, at::Tensor& db_part, bool need_dw, bool need_db) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
   const int64_t M = x.size(0), N = x.size(1);
   const int64_t chunks = dw_part.size(0);
   const T* dyp = dy.data_ptr<T>();
@@ -104,56 +109,82 @@ void layer_norm_bwd_rows(const at::Tensor& dy, const at::Tensor& x, const std::v
   T* dxp = dx.data_ptr<T>();
   float* dwp = dw_part.data_ptr<float>();
   float* dbp = db_part.data_ptr<float>();
+  const float* __restrict wp = w.data();
+  auto add = [](fVec& p, fVec& q) { return p + q; };
 
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    std::vector<float> xh(N), dyf(N), g(N), ds(dsp ? N : 0);
+    // fp32 rows are used in place; fp16/bf16 rows are converted once into these L1-resident buffers.
+    std::vector<float> xbuf(kF32 ? 0 : N), dybuf(kF32 ? 0 : N), dsbuf(kF32 || !dsp ? 0 : N), obuf(kF32 ? 0 : N);
     for (int64_t c = cbegin; c < cend; ++c) {
-      float* dw = dwp + c * N;
-      float* db = dbp + c * N;
+      float* __restrict dw = dwp + c * N;
+      float* __restrict db = dbp + c * N;
       const int64_t rbegin = c * M / chunks, rend = (c + 1) * M / chunks;
       for (int64_t row = rbegin; row < rend; ++row) {
-        row_to_float(xp + row * sx, xh.data(), N);
-        row_to_float(dyp + row * sdy, dyf.data(), N);
+        const float *xr, *dyr, *dsr = nullptr;
+        float* out;
+        if constexpr (kF32) {
+          xr = xp + row * sx;
+          dyr = dyp + row * sdy;
+          if (dsp) dsr = dsp + row * sds;
+          out = dxp + row * N;
+        } else {
+          row_to_float(xp + row * sx, xbuf.data(), N);
+          row_to_float(dyp + row * sdy, dybuf.data(), N);
+          if (dsp) {
+            row_to_float(dsp + row * sds, dsbuf.data(), N);
+            dsr = dsbuf.data();
+          }
+          xr = xbuf.data();
+          dyr = dybuf.data();
+          out = obuf.data();
+        }
         const float mu = meanp[row], r = rstdp[row];
         const fVec vmu(mu), vr(r);
-        fVec sg(0.f), sgx(0.f);
+        // Pass 1: the row sums of g = dy * w and g * xhat, and this chunk's dweight/dbias.
+        fVec sg0(0.f), sg1(0.f), sgx0(0.f), sgx1(0.f);
+        const int64_t V = fVec::size();
         int64_t i = 0;
-        for (; i + fVec::size() <= N; i += fVec::size()) {
-          fVec xv = (fVec::loadu(xh.data() + i) - vmu) * vr;
-          fVec dv = fVec::loadu(dyf.data() + i);
-          fVec gv = dv * fVec::loadu(w.data() + i);
-          xv.store(xh.data() + i);
-          gv.store(g.data() + i);
-          sg += gv;
-          sgx = at::vec::fmadd(gv, xv, sgx);
-          if (need_dw) at::vec::fmadd(dv, xv, fVec::loadu(dw + i)).store(dw + i);
-          if (need_db) (fVec::loadu(db + i) + dv).store(db + i);
+        for (; i + 2 * V <= N; i += 2 * V) {
+          fVec x0 = (fVec::loadu(xr + i) - vmu) * vr, x1 = (fVec::loadu(xr + i + V) - vmu) * vr;
+          fVec d0 = fVec::loadu(dyr + i), d1 = fVec::loadu(dyr + i + V);
+          fVec g0 = d0 * fVec::loadu(wp + i), g1 = d1 * fVec::loadu(wp + i + V);
+          sg0 += g0;
+          sg1 += g1;
+          sgx0 = at::vec::fmadd(g0, x0, sgx0);
+          sgx1 = at::vec::fmadd(g1, x1, sgx1);
+          if (need_dw) {
+            at::vec::fmadd(d0, x0, fVec::loadu(dw + i)).store(dw + i);
+            at::vec::fmadd(d1, x1, fVec::loadu(dw + i + V)).store(dw + i + V);
+          }
+          if (need_db) {
+            (fVec::loadu(db + i) + d0).store(db + i);
+            (fVec::loadu(db + i + V) + d1).store(db + i + V);
+          }
         }
-        float sum_g = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, sg);
-        float sum_gx = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, sgx);
+        float sum_g = at::vec::vec_reduce_all<float>(add, sg0 + sg1);
+        float sum_gx = at::vec::vec_reduce_all<float>(add, sgx0 + sgx1);
         for (; i < N; ++i) {
-          float xv = (xh[i] - mu) * r, gv = dyf[i] * w[i];
-          xh[i] = xv;
-          g[i] = gv;
+          const float xv = (xr[i] - mu) * r, gv = dyr[i] * wp[i];
           sum_g += gv;
           sum_gx += gv * xv;
-          if (need_dw) dw[i] += dyf[i] * xv;
-          if (need_db) db[i] += dyf[i];
+          if (need_dw) dw[i] += dyr[i] * xv;
+          if (need_db) db[i] += dyr[i];
         }
         const float mean_g = sum_g / N, mean_gx = sum_gx / N;
-        // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) [+ dsummed]; written into g, then stored.
+        // Pass 2 (from L1): dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) [+ dsummed].
         const fVec vmg(mean_g), vmgx(mean_gx);
-        if (dsp) row_to_float(dsp + row * sds, ds.data(), N);
         i = 0;
-        for (; i + fVec::size() <= N; i += fVec::size()) {
-          fVec d = vr * (fVec::loadu(g.data() + i) - vmg - fVec::loadu(xh.data() + i) * vmgx);
-          if (dsp) d += fVec::loadu(ds.data() + i);
-          d.store(g.data() + i);
+        for (; i + V <= N; i += V) {
+          fVec xv = (fVec::loadu(xr + i) - vmu) * vr;
+          fVec gv = fVec::loadu(dyr + i) * fVec::loadu(wp + i);
+          fVec d = vr * (gv - vmg - xv * vmgx);
+          if (dsr) d += fVec::loadu(dsr + i);
+          d.store(out + i);
         }
         for (; i < N; ++i) {
-          g[i] = layer_norm_dx(g[i], xh[i], mean_g, mean_gx, r) + (dsp ? ds[i] : 0.f);
+          out[i] = layer_norm_dx(dyr[i] * wp[i], (xr[i] - mu) * r, mean_g, mean_gx, r) + (dsr ? dsr[i] : 0.f);
         }
-        row_from_float(g.data(), dxp + row * N, N);
+        if constexpr (!kF32) row_from_float(out, dxp + row * N, N);
       }
     }
   });

@@ -60,21 +60,25 @@ inline float row_sum(const float* x, int64_t n) {
   return s;
 }
 
-// sum((x[i] - c)^2), fp32; the second pass of a two-pass variance (no cancellation).
+// sum((x[i] - c)^2), fp32; the second pass of a two-pass variance (no cancellation). Four
+// independent FMA chains: one chain is bound by the FMA latency, not by the loads.
 inline float row_sum_sq_dev(const float* x, float c, int64_t n) {
-  fVec a0(0.f), a1(0.f), vc(c);
+  fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f), vc(c);
   const int64_t V = fVec::size();
   int64_t i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
+  for (; i + 4 * V <= n; i += 4 * V) {
     fVec d0 = fVec::loadu(x + i) - vc, d1 = fVec::loadu(x + i + V) - vc;
+    fVec d2 = fVec::loadu(x + i + 2 * V) - vc, d3 = fVec::loadu(x + i + 3 * V) - vc;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
   }
   for (; i + V <= n; i += V) {
     fVec d = fVec::loadu(x + i) - vc;
     a0 = at::vec::fmadd(d, d, a0);
   }
-  float s = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, a0 + a1);
+  float s = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, (a0 + a1) + (a2 + a3));
   for (; i < n; ++i) s += (x[i] - c) * (x[i] - c);
   return s;
 }

@@ -65,7 +65,9 @@ def time_cpu(fn: Callable[[], object], quick: bool = False) -> Timing:
     from torch.utils import benchmark
 
     fn()
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.3 if quick else 1.0)
+    # Timer defaults to num_threads=1: measure with the threads the process really uses.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=0.3 if quick else 1.0)
     times = [t * 1e3 for t in m.times]
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), m.number_per_run * len(times))
 
