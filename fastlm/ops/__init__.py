@@ -7,10 +7,10 @@ argument), reshape to what the kernels take and call the op; the op picks the ba
 (fastlm.backends). This module only re-exports the public functions.
 """
 from fastlm.ops.layer_norm import add_layer_norm, layer_norm
+from fastlm.ops.gelu_ffn import gelu_ffn, linear_gelu
 from fastlm.ops.attention import scaled_dot_product_attention
 from fastlm.ops.decode import decode_attention
 from fastlm.ops.linear import linear
-from fastlm.ops.gelu_ffn import gelu_ffn, linear_gelu
 
 __all__ = ["layer_norm", "add_layer_norm", "linear_gelu", "gelu_ffn"]
 __all__ += ["scaled_dot_product_attention"]
