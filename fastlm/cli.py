@@ -8,18 +8,27 @@ import sys
 
 
 def _malloc_state() -> str:
-    """Which allocator is preloaded: large CPU tensors pay page faults on every fresh glibc mmap."""
+    """Which allocator serves CPU tensors. With glibc's defaults, a tensor over 32 MB is a fresh mmap
+    page-faulted on every allocation, and freeing the heap top trims it back to the OS: large CPU
+    activations then cost more in page faults than in the kernels (README, "CPU speed")."""
     preload = os.environ.get("LD_PRELOAD", "")
     try:
         with open("/proc/self/maps") as f:
             maps = f.read()
     except OSError:
         maps = ""
-    for name in ("jemalloc", "tcmalloc", "mimalloc"):
-        if name in preload or f"lib{name}" in maps:
-            return f"{name} (preloaded)"
-    return ("glibc malloc: tensors over 32 MB are page-faulted on every allocation; preload jemalloc or "
-            "tcmalloc for CPU speed (see README)")
+    if "tcmalloc" in preload or "libtcmalloc" in maps:
+        return "tcmalloc (preloaded): good"
+    if "jemalloc" in preload or "libjemalloc" in maps:
+        conf = os.environ.get("MALLOC_CONF", "")
+        if "dirty_decay_ms:-1" in conf:
+            return "jemalloc (preloaded, decay off): good"
+        return ("jemalloc (preloaded) with page decay on: it returns freed pages to the OS and large "
+                "tensors page-fault again; set MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") and os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return "glibc malloc with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised: good"
+    return ("glibc malloc, default settings: tensors over 32 MB are page-faulted on every allocation; "
+            "preload tcmalloc, or see README (CPU speed)")
 
 
 def cmd_info(args) -> int:
