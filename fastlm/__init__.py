@@ -5,20 +5,22 @@
     y = ops.layer_norm(x, (768,), w, b)          # == F.layer_norm, on the fastest backend present
     with fastlm.use_backend("triton"): ...        # force one backend
     fastlm.available_backends("layer_norm", "cuda")
+    model = fastlm.patch(hf_model)                # Hugging Face GPT-2 / BERT, in place
+    tokens = fastlm.generate(fastlm.models.GPT2.from_hf(hf_model), input_ids)
 
-Importing fastlm never compiles anything and imports neither triton nor the C++ extension: both
-are resolved by the first call that needs them (fastlm info says what is available and why not).
+Importing fastlm never compiles anything and imports neither triton, transformers nor the C++
+extension: each is resolved by the first call that needs it (`fastlm info` says what is available
+and why not).
 """
-from fastlm import nn, ops
+from fastlm import models, nn, ops
 from fastlm.backends import BackendUnavailableError, FallbackWarning, available_backends, use_backend
-from fastlm import models  # noqa: E402
-from fastlm.integrations.hf import patch, unpatch  # noqa: E402
-from fastlm.generation import generate  # noqa: E402
-from fastlm.integrations import hf as _hf  # noqa: E402
+from fastlm.generation import generate
+from fastlm.integrations import hf as _hf
+from fastlm.integrations.hf import patch, unpatch
 
 _hf.install_import_hook()  # registers attn_implementation="fastlm" once transformers is imported
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "models", "patch", "unpatch", "generate", "available_backends", "use_backend", "BackendUnavailableError", "FallbackWarning",
-           "__version__"]
+__all__ = ["ops", "nn", "models", "patch", "unpatch", "generate", "available_backends", "use_backend",
+           "BackendUnavailableError", "FallbackWarning", "__version__"]
