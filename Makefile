@@ -35,7 +35,7 @@ $(BUILT): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/c
 
 test: build
 	@if [ "$(HAS_GPU)" = "1" ]; then interp=0; else interp=1; fi; \
-	TRITON_INTERPRET=$$interp $(BIN)/python -m pytest -q tests
+	FASTLM_REQUIRE_ALL=1 TRITON_INTERPRET=$$interp $(BIN)/python -m pytest -q tests
 
 bench: build
 	@if [ "$(HAS_GPU)" = "1" ]; then $(BIN)/fastlm bench --quick --device cuda --out bench-out; \

@@ -35,7 +35,7 @@ fi
 
 if has test; then
   echo "== tests on CUDA (FASTLM_TEST_FULL=1)"
-  FASTLM_TEST_FULL=1 timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rs tests --junitxml="$OUT/tests.xml" \
+  FASTLM_REQUIRE_ALL=1 FASTLM_TEST_FULL=1 timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rs tests --junitxml="$OUT/tests.xml" \
     ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
   rc=$?; status=$(( status | rc ))
   tail -40 "$OUT/tests.log"
