@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common.h"
+#include "layer_norm_checks.h"
 #include "cpu/vec_utils.h"
 #include "fastlm_math.h"
 
@@ -193,16 +194,8 @@ void layer_norm_bwd_rows(const at::Tensor& dy, const at::Tensor& x, const std::v
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
-  check_rows(x, kFwd, "x");
-  FASTLM_CHECK(x.device().is_cpu(), kFwd, "x must be a CPU tensor, got ", x.device());
+  check_layer_norm_fwd_args(x, residual, weight, bias, /*is_cuda=*/false, kFwd);
   const int64_t M = x.size(0), N = x.size(1);
-  FASTLM_CHECK(N > 0, kFwd, "x must have at least one column");
-  if (auto r = opt_ptr(residual)) {
-    check_rows(*r, kFwd, "residual");
-    check_same_shape(*r, x, kFwd, "residual");
-  }
-  check_vector(weight, N, x, kFwd, "weight");
-  check_vector(bias, N, x, kFwd, "bias");
   auto out = new_output({M, N}, x.options());
   auto summed = new_output({opt_ptr(residual) ? M : 0, N}, x.options());
   auto mean = new_output({M}, x.options().dtype(at::kFloat));
@@ -219,20 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& dsummed, bool has_bias) {
-  check_rows(x, kBwd, "x");
-  FASTLM_CHECK(x.device().is_cpu(), kBwd, "x must be a CPU tensor, got ", x.device());
-  check_rows(dy, kBwd, "dy");
-  check_same_shape(dy, x, kBwd, "dy");
-  if (auto d = opt_ptr(dsummed)) {
-    check_rows(*d, kBwd, "dsummed");
-    check_same_shape(*d, x, kBwd, "dsummed");
-  }
+  check_layer_norm_bwd_args(dy, x, weight, mean, rstd, dsummed, /*is_cuda=*/false, kBwd);
   const int64_t M = x.size(0), N = x.size(1);
-  check_vector(weight, N, x, kBwd, "weight");
-  FASTLM_CHECK(mean.scalar_type() == at::kFloat && mean.is_contiguous() && mean.numel() == M, kBwd,
-               "mean must be a contiguous fp32 tensor of ", M, " elements");
-  FASTLM_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == M, kBwd,
-               "rstd must be a contiguous fp32 tensor of ", M, " elements");
   const bool need_dw = opt_ptr(weight) != nullptr;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(M, at::get_num_threads()));
   auto dx = new_output({M, N}, x.options());

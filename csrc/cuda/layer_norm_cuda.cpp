@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "layer_norm_checks.h"
 #include "cuda/layer_norm.h"
 
 namespace fastlm::cuda {
@@ -15,16 +16,8 @@ constexpr const char* kBwd = "layer_norm_bwd (cuda)";
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
-  check_rows(x, kFwd, "x");
-  FASTLM_CHECK(x.is_cuda(), kFwd, "x must be a CUDA tensor, got ", x.device());
+  check_layer_norm_fwd_args(x, residual, weight, bias, /*is_cuda=*/true, kFwd);
   const int64_t M = x.size(0), N = x.size(1);
-  FASTLM_CHECK(N > 0 && N < (int64_t{1} << 30), kFwd, "x must have between 1 and 2^30 columns, got ", N);
-  if (auto r = opt_ptr(residual)) {
-    check_rows(*r, kFwd, "residual");
-    check_same_shape(*r, x, kFwd, "residual");
-  }
-  check_vector(weight, N, x, kFwd, "weight");
-  check_vector(bias, N, x, kFwd, "bias");
   c10::cuda::CUDAGuard guard(x.device());
   auto out = new_output({M, N}, x.options());
   auto summed = new_output({opt_ptr(residual) ? M : 0, N}, x.options());
@@ -38,21 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& dsummed, bool has_bias) {
-  check_rows(x, kBwd, "x");
-  FASTLM_CHECK(x.is_cuda(), kBwd, "x must be a CUDA tensor, got ", x.device());
-  check_rows(dy, kBwd, "dy");
-  check_same_shape(dy, x, kBwd, "dy");
-  if (auto d = opt_ptr(dsummed)) {
-    check_rows(*d, kBwd, "dsummed");
-    check_same_shape(*d, x, kBwd, "dsummed");
-  }
+  check_layer_norm_bwd_args(dy, x, weight, mean, rstd, dsummed, /*is_cuda=*/true, kBwd);
   const int64_t M = x.size(0), N = x.size(1);
-  FASTLM_CHECK(N > 0 && N < (int64_t{1} << 30), kBwd, "x must have between 1 and 2^30 columns, got ", N);
-  check_vector(weight, N, x, kBwd, "weight");
-  for (const auto* s : {&mean, &rstd}) {
-    FASTLM_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->numel() == M && s->device() == x.device(),
-                 kBwd, "mean/rstd must be contiguous fp32 tensors of ", M, " elements on ", x.device());
-  }
   c10::cuda::CUDAGuard guard(x.device());
   auto dx = new_output({M, N}, x.options());
   auto dweight = new_output({opt_ptr(weight) ? N : 0}, x.options());
