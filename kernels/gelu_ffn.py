@@ -198,6 +198,13 @@ def _gemm(a, b, c, *, bias=None, epilogue=EPI_NONE, p=None, store_p=False, act=N
     )
 
 
+def _weight_grad(w):
+    """The gradient of weight w in w's layout, row- or column-major (the GEMM writes C with any strides)."""
+    if w.is_contiguous():
+        return new_output(tuple(w.shape), like=w)
+    return new_output((w.shape[1], w.shape[0]), like=w).t()
+
+
 def _bias_grad(rowsum, n: int, has_bias: bool, like):
     if not has_bias:
         return like.new_empty((0,))
@@ -226,7 +233,7 @@ def linear_gelu_bwd(dy, x, weight, pre, approximate: str, has_bias: bool):
         dgelu_kernel[grid](dy, pre, dpre, M, N, dy.stride(0), pre.stride(0), dpre.stride(0),
                            TANH=tanh, BLOCK_M=32, BLOCK_N=64)
     dx = new_output((M, K), like=x)
-    dweight = new_output((N, K), like=x)
+    dweight = _weight_grad(weight)
     rowsum = new_output((N,), like=x, dtype=torch.float32) if has_bias and M > 0 else None
     _gemm(dpre, weight, dx)
     if M > 0:
@@ -257,8 +264,8 @@ def gelu_ffn_bwd(dy, x, fc1_weight, fc2_weight, pre, approximate: str, has_fc1_b
     dpre = torch.empty((M, F), dtype=x.dtype, device=x.device)
     act = torch.empty((M, F), dtype=x.dtype, device=x.device)
     dx = new_output((M, K), like=x)
-    dw1 = new_output((F, K), like=x)
-    dw2 = new_output((N, F), like=x)
+    dw1 = _weight_grad(fc1_weight)
+    dw2 = _weight_grad(fc2_weight)
     if M == 0:
         dw1.zero_()
         dw2.zero_()

@@ -128,6 +128,74 @@ def test_leading_dims_and_strided_rows(device, backend, dtype):
     assert_close("linear_gelu", z, _eager_linear_gelu(x.double(), w1.double(), b1.double(), "none"), None, atol=1e-4)
 
 
+def _column_major_grid():
+    out = []
+    for p in backend_params("gelu_ffn"):
+        device, backend, dtype = p.values
+        for shape in _shapes(device, backend)[:3]:
+            out.append(pytest.param(device, backend, dtype, shape, id=f"{p.id}-{'x'.join(map(str, shape))}"))
+    return out
+
+
+@pytest.mark.parametrize("device,backend,dtype,shape", _column_major_grid())
+@pytest.mark.parametrize("approximate,bias", [("tanh", True), ("none", False)])
+def test_column_major_weights(device, backend, dtype, shape, approximate, bias):
+    """Weights given transposed, as GPT-2's MLP passes its Conv1D weights (stored (in, out), seen through
+    .t() views, stride (1, out)): every backend takes them as they are (no copy), with the same parity
+    (forward, and gradients of the stored weights), and returns weight gradients in the weight's layout."""
+    M, K, F_ = shape
+    N = K + 3
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    w1, b1, w2, b2 = _params(K, F_, N, dtype, device, bias)
+    stored = (w1.t().contiguous(), w2.t().contiguous())          # Conv1D layout: (K, F), (F, N)
+    assert not stored[0].t().is_contiguous()
+
+    def ffn(x_, c_fc, b1_, c_proj, b2_):
+        return ops.gelu_ffn(x_, c_fc.t(), b1_, c_proj.t(), b2_, approximate=approximate)
+
+    def eager(x_, c_fc, b1_, c_proj, b2_):
+        return _eager_ffn(x_, c_fc.t(), b1_, c_proj.t(), b2_, approximate)
+
+    _check(ffn, eager, (x, stored[0], b1, stored[1], b2), dtype, backend,
+           ["dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"])
+    _check(lambda x_, c, b: ops.linear_gelu(x_, c.t(), b, approximate=approximate),
+           lambda x_, c, b: _eager_linear_gelu(x_, c.t(), b, approximate),
+           (x, stored[0], b1), dtype, backend, ["dx", "dweight", "dbias"])
+    # the ops themselves: weight gradients come back in the weight's (column-major) layout
+    w1c, w2c = stored[0].t(), stored[1].t()
+    with fastlm.use_backend(backend), poison_outputs():
+        _, pre = torch.ops.fastlm.gelu_ffn_fwd(x, w1c, b1, w2c, b2, approximate, True)
+        grads = torch.ops.fastlm.gelu_ffn_bwd(torch.randn(M, N, device=device, dtype=dtype), x, w1c, w2c, pre,
+                                              approximate, bias, bias)
+        _, dw, _ = torch.ops.fastlm.linear_gelu_bwd(torch.randn(M, F_, device=device, dtype=dtype), x, w1c, pre,
+                                                    approximate, bias)
+    assert grads[1].stride() == w1c.stride() and grads[3].stride() == w2c.stride() and dw.stride() == w1c.stride()
+    assert not any(g.isnan().any() for g in (grads[1], grads[3], dw))
+
+
+def test_column_major_weights_are_not_copied(monkeypatch):
+    """The functional API hands a column-major weight to the op as it is (the same storage), and makes
+    contiguous only layouts the kernels do not take (here: a strided slice)."""
+    seen = []
+    real = torch.ops.fastlm.gelu_ffn_fwd
+
+    def spy(x, w1, b1, w2, b2, approximate, save_pre):
+        seen.append((w1, w2))
+        return real(x, w1, b1, w2, b2, approximate, save_pre)
+
+    import sys
+    monkeypatch.setattr(sys.modules["fastlm.ops.gelu_ffn"], "gelu_ffn_fwd", spy)   # (fastlm.ops.gelu_ffn is the function)
+    x = torch.randn(3, 16)
+    c_fc, c_proj = torch.randn(16, 40), torch.randn(40, 16)
+    ops.gelu_ffn(x, c_fc.t(), None, c_proj.t(), None, "tanh")
+    assert seen[-1][0].data_ptr() == c_fc.data_ptr() and seen[-1][0].stride() == (1, 40)
+    assert seen[-1][1].data_ptr() == c_proj.data_ptr()
+    wide = torch.randn(40, 32)
+    y = ops.gelu_ffn(x, wide[:, ::2], None, c_proj.t(), None, "tanh")
+    assert seen[-1][0].is_contiguous()
+    torch.testing.assert_close(y, _eager_ffn(x, wide[:, ::2], None, c_proj.t(), None, "tanh"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("d_model,d_ff", [(768, 3072), (1024, 4096)])
@@ -246,6 +314,8 @@ def test_cpp_op_checks_its_inputs():
                                         torch.randn(4, 5), "none", True, True)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         torch.ops.fastlm_C.linear_gelu_fwd(x.double(), torch.randn(6, 10).double(), None, "none", False)
+    with pytest.raises(RuntimeError, match="weight must be contiguous or the transpose"):
+        torch.ops.fastlm_C.linear_gelu_fwd(x, torch.randn(6, 20)[:, ::2], None, "none", False)
 
 
 @requires_cuda
@@ -272,6 +342,13 @@ def test_opcheck(backend):
                               (torch.randn(6, 17), x.detach(), w1.detach(), w2.detach(), pre, "none", True, False))
         torch.library.opcheck(torch.ops.fastlm.linear_gelu_bwd.default,
                               (torch.randn(6, 23), x.detach(), w1.detach(), pre, "tanh", True))
+        # column-major weights (GPT-2's Conv1D weights through .t() views)
+        w1c, w2c = (w.detach().t().contiguous().t().requires_grad_() for w in (w1, w2))
+        torch.library.opcheck(torch.ops.fastlm.gelu_ffn_fwd.default, (x, w1c, b1, w2c, b2, "tanh", True))
+        torch.library.opcheck(torch.ops.fastlm.gelu_ffn_bwd.default,
+                              (torch.randn(6, 17), x.detach(), w1c.detach(), w2c.detach(), pre, "none", True, True))
+        torch.library.opcheck(torch.ops.fastlm.linear_gelu_bwd.default,
+                              (torch.randn(6, 23), x.detach(), w1c.detach(), pre, "tanh", False))
 
 
 def test_compile_fullgraph():

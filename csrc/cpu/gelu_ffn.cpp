@@ -59,13 +59,23 @@ bool parse_approximate(std::string_view approximate, const char* op) {
   return approximate == "tanh";
 }
 
-// A 2-D contiguous weight (rows, cols) of like's dtype and device.
+// A 2-D weight (rows, cols) of like's dtype and device, row-major (contiguous) or column-major (its
+// transpose contiguous: e.g. GPT-2's Conv1D weight stored (in, out), passed as a .t() view). The GEMMs
+// take either layout as it is (a transposed operand costs nothing), so no copy is ever made.
 void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& like, const char* op,
                   const char* name) {
   FASTLM_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, name, " must have shape (", rows, ", ",
                cols, "), got ", w.sizes());
-  FASTLM_CHECK(w.is_contiguous(), op, name, " must be contiguous");
+  FASTLM_CHECK(w.is_contiguous() || w.t().is_contiguous(), op, name,
+               " must be contiguous or the transpose of a contiguous matrix, got strides ", w.strides());
   check_same(w, like, op, name);
+}
+
+// The gradient of weight w, allocated in w's layout (row- or column-major), so that autograd
+// accumulates it without a layout-changing copy.
+at::Tensor new_weight_grad(const at::Tensor& w) {
+  if (w.is_contiguous()) return new_output(w.sizes(), w.options());
+  return new_output({w.size(1), w.size(0)}, w.options()).t();
 }
 
 // Why oneDNN for fp32: on this project's CI machine (AMD EPYC, 2 cores) MKL's sgemm (what at::mm and
@@ -79,9 +89,13 @@ bool use_onednn(const at::Tensor& c) {
   return enabled && c.scalar_type() == at::kFloat;
 }
 
-// c = beta * c + a @ b (beta 0 or 1), c preallocated with a contiguous last dim.
+// c = beta * c + a @ b (beta 0 or 1), c preallocated, row-major or column-major (then c^T = b^T @ a^T).
 void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
   if (c.numel() == 0) return;
+  if (c.stride(1) != 1 && c.stride(0) == 1) {
+    gemm(b.t(), a.t(), c.t(), beta);
+    return;
+  }
   if (a.size(1) == 0) {
     if (beta == 0.f) c.zero_();
     return;
@@ -284,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Ten
                          has_bias ? db_part.data_ptr<float>() : nullptr, chunks, M, N, tanh_approx);
   });
   auto dx = new_output({M, K}, x.options());
-  auto dweight = new_output({N, K}, x.options());
+  auto dweight = new_weight_grad(weight);
   gemm(dpre, weight, dx, 0.f);
   gemm(dpre.t(), x, dweight, 0.f);
   auto dbias = has_bias ? db_part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
@@ -348,8 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
     check_same(*t, x, kFfnBwd, name);
   }
   auto dx = new_output({M, K}, x.options());
-  auto dw1 = new_output({F, K}, x.options());
-  auto dw2 = new_output({N, F}, x.options());
+  auto dw1 = new_weight_grad(fc1_weight);
+  auto dw2 = new_weight_grad(fc2_weight);
   auto act = at::empty({M, F}, x.options());   // gelu(pre), for dW2
   auto dpre = at::empty({M, F}, x.options());  // dy @ W2, then * gelu'(pre) in place
   const int64_t chunks = num_chunks(std::min(M, block_rows(F)));

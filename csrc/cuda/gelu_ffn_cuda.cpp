@@ -41,8 +41,27 @@ void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Ten
                   const char* name) {
   FASTLM_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, name, " must have shape (", rows, ", ",
                cols, "), got ", w.sizes());
-  FASTLM_CHECK(w.is_contiguous(), op, name, " must be contiguous");
+  FASTLM_CHECK(w.is_contiguous() || w.t().is_contiguous(), op, name,
+               " must be contiguous or the transpose of a contiguous matrix, got strides ", w.strides());
   check_same(w, like, op, name);
+}
+
+// The gradient of weight w in w's layout (row- or column-major: a transposed Conv1D weight), so that
+// autograd accumulates it without a copy.
+at::Tensor new_weight_grad(const at::Tensor& w) {
+  if (w.is_contiguous()) return new_output(w.sizes(), w.options());
+  return new_output({w.size(1), w.size(0)}, w.options()).t();
+}
+
+// c = a @ b into a preallocated row- or column-major c (column-major: c^T = b^T @ a^T, row-major).
+void mm_into(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  if (!c.is_contiguous() && c.t().is_contiguous()) {
+    auto ct = c.t();
+    at::mm_out(ct, b.t(), a.t());
+  } else {
+    auto out = c;
+    at::mm_out(out, a, b);
+  }
 }
 
 void check_like(const at::Tensor& t, int64_t rows, int64_t cols, const at::Tensor& like, const char* op,
@@ -100,9 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(const at::Te
                         : at::empty({0}, x.options());
   dgelu_launch(dpre, pre, nullptr, has_bias ? &dbias : nullptr, tanh_approx);
   auto dx = new_output({M, K}, x.options());
-  auto dweight = new_output({N, K}, x.options());
+  auto dweight = new_weight_grad(weight);
   at::mm_out(dx, dpre, weight);
-  at::mm_out(dweight, dpre.t(), x);
+  mm_into(dweight, dpre.t(), x);
   return {dx, dweight, dbias};
 }
 
@@ -147,16 +166,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
   check_like(pre, M, F, x, kFfnBwd, "pre");
   c10::cuda::CUDAGuard guard(x.device());
   auto dx = new_output({M, K}, x.options());
-  auto dw1 = new_output({F, K}, x.options());
-  auto dw2 = new_output({N, F}, x.options());
+  auto dw1 = new_weight_grad(fc1_weight);
+  auto dw2 = new_weight_grad(fc2_weight);
   auto db1 = has_fc1_bias ? (M > 0 ? new_output({F}, x.options()) : at::zeros({F}, x.options()))
                           : at::empty({0}, x.options());
   auto dpre = at::empty({M, F}, x.options());  // dy @ W2, turned into dpre in place
   auto act = at::empty({M, F}, x.options());   // gelu(pre), for dW2
   at::mm_out(dpre, dy, fc2_weight);
   dgelu_launch(dpre, pre, &act, has_fc1_bias ? &db1 : nullptr, tanh_approx);
-  at::mm_out(dw2, dy.t(), act);
-  at::mm_out(dw1, dpre.t(), x);
+  mm_into(dw2, dy.t(), act);
+  mm_into(dw1, dpre.t(), x);
   at::mm_out(dx, dpre, fc1_weight);
   auto db2 = has_fc2_bias ? at::sum(dy, {0}, false, at::kFloat).to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dw1, db1, dw2, db2};

@@ -77,12 +77,35 @@ def linear_gelu_bwd(dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approxim
                     has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx (M, K), dweight (N, K), dbias (N,) or (0,) when has_bias is False)."""
     backend = backends.select(OP_LINEAR_GELU, x.device, _supports(x, (weight,)))
-    return tuple(_impl(backend, "linear_gelu_bwd")(dy, x, weight, pre, approximate, has_bias))
+    dx, dw, db = _impl(backend, "linear_gelu_bwd")(dy, x, weight, pre, approximate, has_bias)
+    return dx, _in_layout_of(dw, weight), db
 
 
 @linear_gelu_bwd.register_fake
 def _(dy, x, weight, pre, approximate, has_bias):
-    return x.new_empty(x.shape), x.new_empty(weight.shape), x.new_empty((weight.shape[0] if has_bias else 0,))
+    return x.new_empty(x.shape), _empty_in_layout_of(weight), x.new_empty((weight.shape[0] if has_bias else 0,))
+
+
+def _column_major(w: Tensor) -> bool:
+    """A 2-D weight stored transposed: its .t() is contiguous, itself is not (GPT-2's Conv1D weight,
+    stored (in, out), seen as (out, in) through a .t() view)."""
+    return not w.is_contiguous() and w.t().is_contiguous()
+
+
+def _empty_in_layout_of(w: Tensor) -> Tensor:
+    """An empty tensor shaped and laid out like the weight w (row- or column-major): weight gradients
+    come back in their weight's layout, so autograd accumulates them without a copy."""
+    return w.new_empty((w.shape[1], w.shape[0])).t() if _column_major(w) else w.new_empty(w.shape)
+
+
+def _in_layout_of(g: Tensor, w: Tensor) -> Tensor:
+    """g (a weight gradient) in w's layout; the kernels already return it so (no copy then), the
+    reference backend returns row-major gradients."""
+    if _column_major(w) and not _column_major(g):
+        return g.t().contiguous().t()
+    if not _column_major(w) and not g.is_contiguous():
+        return g.contiguous()
+    return g
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -136,15 +159,16 @@ def gelu_ffn_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, 
                  has_fc1_bias: bool, has_fc2_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias); absent biases give (0,) tensors."""
     backend = backends.select(OP_GELU_FFN, x.device, _supports(x, (fc1_weight, fc2_weight)))
-    return tuple(_impl(backend, "gelu_ffn_bwd")(dy, x, fc1_weight, fc2_weight, pre, approximate,
-                                                has_fc1_bias, has_fc2_bias))
+    dx, dw1, db1, dw2, db2 = _impl(backend, "gelu_ffn_bwd")(dy, x, fc1_weight, fc2_weight, pre, approximate,
+                                                            has_fc1_bias, has_fc2_bias)
+    return dx, _in_layout_of(dw1, fc1_weight), db1, _in_layout_of(dw2, fc2_weight), db2
 
 
 @gelu_ffn_bwd.register_fake
 def _(dy, x, fc1_weight, fc2_weight, pre, approximate, has_fc1_bias, has_fc2_bias):
     F, N = fc1_weight.shape[0], fc2_weight.shape[0]
-    return (x.new_empty(x.shape), x.new_empty(fc1_weight.shape), x.new_empty((F if has_fc1_bias else 0,)),
-            x.new_empty(fc2_weight.shape), x.new_empty((N if has_fc2_bias else 0,)))
+    return (x.new_empty(x.shape), _empty_in_layout_of(fc1_weight), x.new_empty((F if has_fc1_bias else 0,)),
+            _empty_in_layout_of(fc2_weight), x.new_empty((N if has_fc2_bias else 0,)))
 
 
 def _ffn_setup_context(ctx, inputs, output):
@@ -172,7 +196,9 @@ def _approximate(op: str, approximate) -> str:
 
 
 def _weight(op: str, name: str, w, input: Tensor, in_features: int, in_name: str) -> Tensor:
-    """A 2-D (out_features, in_features) weight of input's dtype and device, contiguous."""
+    """A 2-D (out_features, in_features) weight of input's dtype and device, row-major (contiguous) or
+    column-major (a .t() view of a contiguous (in, out) matrix, as GPT-2's Conv1D stores it): every
+    backend takes both layouts as they are. Any other layout is made contiguous."""
     _checks.tensor(op, name, w)
     if w.dim() != 2:
         raise ValueError(f"fastlm.ops.{op}: {name} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
@@ -181,7 +207,7 @@ def _weight(op: str, name: str, w, input: Tensor, in_features: int, in_name: str
                          f"but {in_name} has {in_features}")
     _checks.same_device(op, name, w, input)
     _checks.same_dtype(op, name, w, input)
-    return w.contiguous()
+    return w if (w.is_contiguous() or w.t().is_contiguous()) else w.contiguous()
 
 
 def _bias(op: str, name: str, b, input: Tensor, n: int) -> Optional[Tensor]:
