@@ -6,8 +6,8 @@
 // causal = top-left aligned (row i sees keys j <= i). Dropout from (seed, offset): see
 // cuda/attention_math.h.
 //
-// Forward: K^T and V are first converted to fp32 panels per (b, kv head) (one linear pass), then
-// at::parallel_for over (batch, head, query block of kBQ rows): S = Q K^T for a kBK-key block
+// Forward: tasks (batch, head, query block of kBQ rows), handed out dynamically to the threads; each
+// thread converts K^T and V of the task's (b, kv head) to fp32 panels when it changes: S = Q K^T for a kBK-key block
 // (register-blocked at::vec GEMM, fp32), online softmax (running max m, sum l, rescaled output
 // accumulator), O += P V. Key blocks above the causal diagonal are skipped, and so are key blocks a
 // key-padding mask (row-independent, (B, 1, 1, Sk) broadcast) masks fully. Memory O(S), never S x S.
@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -111,11 +112,182 @@ inline void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const f
   }
 }
 
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-          int64_t ldc, bool acc) {
+void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+               int64_t ldc, bool acc) {
   int64_t j = 0;
   for (; j + 2 * kV <= N; j += 2 * kV) gemm_rows<2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
   if (j < N) gemm_rows<1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+}
+
+// ---- AVX-512 versions (compiled for avx512f with a target pragma, chosen at run time) ----
+// The extension is built for AVX2 (setup.py); on a CPU with AVX-512 the GEMMs and the softmax pass
+// run on 16-lane zmm registers: 2x the lanes per FMA, and 32 registers, so a 6 x 64 accumulator tile
+// plus the B row stays in registers.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__AVX2__)
+#define FASTLM_ATTN_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
+#pragma GCC diagnostic push
+// GCC 12 flags the intrinsics' own "undefined" vectors (_mm512_reduce_*, masked loads): false positives
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+inline __mmask16 tail_mask(int64_t n) {  // lanes [0, n) of a 16-lane vector, n in [1, 16]
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1u));
+}
+
+// C[MR x (NV-1)*16 + tail] (+)= A[MR x K] B[K x ...]; the last vector column is masked by `last`.
+template <int MR, int NV>
+inline void gemm512_micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                          bool accumulate, __mmask16 last) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mk = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      c[r][v] = accumulate ? _mm512_maskz_loadu_ps(mk, C + r * ldc + v * 16) : _mm512_setzero_ps();
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      b[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, B + k * ldb + v * 16) : _mm512_loadu_ps(B + k * ldb + v * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if (v == NV - 1)
+        _mm512_mask_storeu_ps(C + r * ldc + v * 16, last, c[r][v]);
+      else
+        _mm512_storeu_ps(C + r * ldc + v * 16, c[r][v]);
+    }
+}
+
+template <int MR, int NV>
+inline void gemm512_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                         int64_t ldc, bool acc, __mmask16 last) {
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) gemm512_micro<MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc, last);
+  const float* a = A + i * lda;
+  float* c = C + i * ldc;
+  switch (M - i) {  // MR <= 8
+    case 7: gemm512_micro<7 < MR ? 7 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
+    case 6: gemm512_micro<6 < MR ? 6 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
+    case 5: gemm512_micro<5 < MR ? 5 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
+    case 4: gemm512_micro<4 < MR ? 4 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
+    case 3: gemm512_micro<3 < MR ? 3 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
+    case 2: gemm512_micro<2 < MR ? 2 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
+    case 1: gemm512_micro<1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
+    default: break;
+  }
+}
+
+// C[M x N] (+)= A[M x K] B[K x N], any N (the last vector is masked).
+void gemm512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc, bool acc) {
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) gemm512_rows<6, 4>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, 0xFFFF);
+  const int64_t rest = N - j;
+  if (rest <= 0) return;
+  const __mmask16 last = tail_mask(rest - (rest - 1) / 16 * 16);
+  switch ((rest + 15) / 16) {
+    case 4: gemm512_rows<6, 4>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, last); break;
+    case 3: gemm512_rows<8, 3>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, last); break;
+    case 2: gemm512_rows<8, 2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, last); break;
+    default: gemm512_rows<8, 1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, last); break;
+  }
+}
+
+// exp(x) for x <= 0 (softmax arguments; -inf -> 0): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
+// degree-6 Taylor polynomial (relative error ~1e-7), scaled by 2^n with vscalefps (underflows to 0).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));  // exp(-127) underflows to 0 like exp(-inf)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One forward block's online-softmax step for rows [0, bq) of S (row stride kBK, kBK columns, masked
+// entries already -inf): m_new = max(m, rowmax), S <- exp(S - m_new) (0 in rows that saw nothing yet),
+// l <- l alpha + rowsum, O row *= alpha (alpha = exp(m - m_new)), m <- m_new.
+void softmax_step512(float* S, int64_t bq, float* m, float* l, float* O, int64_t ldo, int64_t Dv) {
+  static_assert(kBK % 16 == 0, "kBK must be a multiple of 16");
+  constexpr int NB = kBK / 16;
+  for (int64_t r = 0; r < bq; ++r) {
+    float* srow = S + r * kBK;
+    __m512 x[NB];
+    __m512 mx = _mm512_set1_ps(kNegInf);
+#pragma GCC unroll 8
+    for (int v = 0; v < NB; ++v) {
+      x[v] = _mm512_loadu_ps(srow + v * 16);
+      mx = _mm512_max_ps(mx, x[v]);
+    }
+    const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+    if (m_new == kNegInf) {  // nothing seen yet in this row: P = 0
+#pragma GCC unroll 8
+      for (int v = 0; v < NB; ++v) _mm512_storeu_ps(srow + v * 16, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int v = 0; v < NB; ++v) {
+      const __m512 e = exp512(_mm512_sub_ps(x[v], vm));
+      _mm512_storeu_ps(srow + v * 16, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - m_new);
+    if (alpha != 1.f) {
+      float* orow = O + r * ldo;
+      const __m512 va = _mm512_set1_ps(alpha);
+      int64_t d = 0;
+      for (; d + 16 <= Dv; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), va));
+      if (d < Dv) {
+        const __mmask16 t = tail_mask(Dv - d);
+        _mm512_mask_storeu_ps(orow + d, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, orow + d), va));
+      }
+    }
+    l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+    m[r] = m_new;
+  }
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif  // FASTLM_ATTN_AVX512
+
+inline bool use_avx512() {
+#if defined(FASTLM_ATTN_AVX512)
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool acc) {
+#if defined(FASTLM_ATTN_AVX512)
+  if (use_avx512()) return gemm512(M, N, K, A, lda, B, ldb, C, ldc, acc);
+#endif
+  gemm_avx2(M, N, K, A, lda, B, ldb, C, ldc, acc);
 }
 
 // dst[c][r] = src[r][c] for an R x Cn block (small; stays in L1).
@@ -271,23 +443,33 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const MaskView<T> mask(mask_t);
   T* op = out.data_ptr<T>();
   float* lp = lse.data_ptr<float>();
-  const int64_t nkv = s.B * s.Hkv;
-  // fp32 panels: K^T (D x Skp) and V (Skp x Dvp) per (b, kv head).
-  std::vector<float> kt(static_cast<size_t>(nkv * s.D * s.Skp)), vf(static_cast<size_t>(nkv * s.Skp * s.Dvp));
-  at::parallel_for(0, nkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row;
-    for (int64_t t = begin; t < end; ++t)
-      pack_kv(kv, vv, s, t / s.Hkv, t % s.Hkv, kt.data() + t * s.D * s.Skp, vf.data() + t * s.Skp * s.Dvp, row);
-  });
-
-  const int64_t nqb = (s.Sq + kBQ - 1) / kBQ;
-  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> Q(kBQ * s.D), S(kBQ * kBK), O(kBQ * s.Dvp), m(kBQ), l(kBQ);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nqb, bh = task / nqb, b = bh / s.H, h = bh % s.H, hk = h / s.group;
+  // Tasks (b, h, query block) are handed out dynamically (an atomic counter, one parallel region of
+  // one chunk per thread): on a shared machine a preempted thread then does not hold the other one at
+  // a barrier.
+  const int64_t nqb = (s.Sq + kBQ - 1) / kBQ, nbh = s.B * s.H, ntask = nbh * nqb;
+  const bool avx512 = use_avx512();
+  std::atomic<int64_t> next{0};
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask));
+  at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
+    std::vector<float> Q(kBQ * s.D), S(kBQ * kBK), O(kBQ * s.Dvp), m(kBQ), l(kBQ), row;
+    // This worker's fp32 panels of one (b, kv head): K^T (D x Skp) and V (Skp x Dvp), packed when a task
+    // needs another kv head (tasks are (b, h)-major, so about once per head per worker; packing per
+    // worker keeps them in this core's L2, where a shared pre-pass left them in L3).
+    std::vector<float> kt(static_cast<size_t>(s.D * s.Skp)), vf(static_cast<size_t>(s.Skp * s.Dvp));
+    int64_t packed = -1;
+    for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < ntask;
+         task = next.fetch_add(1, std::memory_order_relaxed)) {
+      // (b, h)-major, so a task's K/V panels are still in L2 from the previous one; causal: the long
+      // (late) query blocks of each head first, so the tail of the schedule is short tasks.
+      const int64_t bh = task / nqb, qb = causal ? nqb - 1 - task % nqb : task % nqb;
+      const int64_t b = bh / s.H, h = bh % s.H, hk = h / s.group;
       const int64_t i0 = qb * kBQ, bq = std::min(kBQ, s.Sq - i0);
-      const float* KT = kt.data() + (b * s.Hkv + hk) * s.D * s.Skp;
-      const float* Vf = vf.data() + (b * s.Hkv + hk) * s.Skp * s.Dvp;
+      if (b * s.Hkv + hk != packed) {
+        pack_kv(kv, vv, s, b, hk, kt.data(), vf.data(), row);
+        packed = b * s.Hkv + hk;
+      }
+      const float* KT = kt.data();
+      const float* Vf = vf.data();
       // Q block, pre-multiplied by scale.
       for (int64_t r = 0; r < bq; ++r) {
         row_to_float(qv.row(b, h, i0 + r), Q.data() + r * s.D, s.D);
@@ -303,18 +485,28 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         const int64_t bkp = round_up(bk, kV);
         gemm(bq, bkp, s.D, Q.data(), s.D, KT + j0 * s.D, kBK, S.data(), kBK, false);
         mask_scores(S.data(), bq, bk, i0, j0, causal, mask, b, h);
-        for (int64_t r = 0; r < bq; ++r) {
-          float* srow = S.data() + r * kBK;
-          const float m_new = std::max(m[r], row_max(srow, bkp));
-          if (m_new == kNegInf) {  // nothing seen yet in this row: P = 0
-            std::fill(srow, srow + bkp, 0.f);
-            continue;
+#if defined(FASTLM_ATTN_AVX512)
+        if (avx512) {
+          softmax_step512(S.data(), bq, m.data(), l.data(), O.data(), s.Dvp, s.Dvp);
+        } else
+#endif
+        {
+          for (int64_t r = 0; r < bq; ++r) {
+            float* srow = S.data() + r * kBK;
+            const float m_new = std::max(m[r], row_max(srow, bkp));
+            if (m_new == kNegInf) {  // nothing seen yet in this row: P = 0
+              std::fill(srow, srow + bkp, 0.f);
+              continue;
+            }
+            const float alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
+            if (alpha != 1.f) scale_row(O.data() + r * s.Dvp, alpha, s.Dvp);
+            l[r] = l[r] * alpha + exp_sub_sum(srow, m_new, bkp);
+            m[r] = m_new;
           }
-          const float alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
-          if (alpha != 1.f) scale_row(O.data() + r * s.Dvp, alpha, s.Dvp);
-          l[r] = l[r] * alpha + exp_sub_sum(srow, m_new, bkp);
-          m[r] = m_new;
-          if (drop.on) {
+        }
+        if (drop.on) {
+          for (int64_t r = 0; r < bq; ++r) {
+            float* srow = S.data() + r * kBK;
             for (int64_t c = 0; c < bk; ++c)
               srow[c] = drop.keep(bh, i0 + r, j0 + c) ? srow[c] * drop.inv_keep : 0.f;
           }
