@@ -14,6 +14,8 @@
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -72,6 +74,122 @@ inline void row_times_rows(const float* w, const float* x, int64_t ldx, int64_t 
   }
 }
 
+
+#if defined(__x86_64__) || defined(_M_X64)
+// (GCC 12 warns that _mm512_undefined_ps inside its own reduce intrinsics is uninitialized: noise.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// AVX-512 register tile: NR W rows x MR input rows, 16 k per step, MR * NR * U accumulators
+// (<= 24 of the 32 zmm registers); W and x are each loaded once per tile step and reused from
+// registers (the single-W-row kernel above needs one x load per FMA: load bound at 8 rows).
+// Compiled for avx512f by attribute and chosen at run time (has_avx512()).
+template <int MR, int NR, int U>
+__attribute__((target("avx512f"))) inline void tile_avx512(const float* w, int64_t ldw, const float* x,
+                                                          int64_t ldx, int64_t K, float* out /* [MR][NR] */) {
+  __m512 acc[MR][NR][U];
+#pragma GCC unroll 64
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    __m512 wv[NR][U];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) wv[r][u] = _mm512_loadu_ps(w + r * ldw + k + 16 * u);
+    // Prefetch the next tile's W rows (contiguous after this tile's), a line per row and step: the
+    // DRAM latency hides behind this tile's FMAs (measured 2x at 8 rows; prefetching past the end
+    // of W is harmless).
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + k + 16 * u), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const __m512 xv = _mm512_loadu_ps(x + m * ldx + k + 16 * u);
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[m][r][u] = _mm512_fmadd_ps(wv[r][u], xv, acc[m][r][u]);
+      }
+  }
+  for (; k < K; k += 16) {  // tail: masked
+    const __mmask16 msk = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+    __m512 wv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(msk, w + r * ldw + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(msk, x + m * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[m][r][0] = _mm512_fmadd_ps(wv[r], xv, acc[m][r][0]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      __m512 t = acc[m][r][0];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][r][u]);
+      out[m * NR + r] = _mm512_reduce_add_ps(t);
+    }
+}
+
+// Rows [n0, n1) of y for all M rows (fp32): tiles of NR W rows; for each, the input rows in blocks
+// of 8/4/2/1 (the W tile, a few KB, stays in L1 across the row blocks).
+template <int NR>
+__attribute__((target("avx512f"))) void rows_avx512(const float* w, const float* x, int64_t M, int64_t K,
+                                                   int64_t N, const float* bias, float* y, int64_t n0,
+                                                   int64_t n1) {
+  float out[8 * 4];
+  auto emit = [&](int64_t m, int mr, int64_t n, int nr) {
+    for (int i = 0; i < mr; ++i)
+      for (int r = 0; r < nr; ++r) y[(m + i) * N + n + r] = out[i * nr + r] + bias[n + r];
+  };
+  auto block = [&](auto nr_tag, int64_t n) {
+    constexpr int nr = decltype(nr_tag)::value;
+    const float* wn = w + n * K;
+    int64_t m = 0;
+    for (; M - m >= 8; m += 8) {
+      tile_avx512<8, nr, 1>(wn, K, x + m * K, K, K, out);
+      emit(m, 8, n, nr);
+    }
+    if (M - m >= 4) {
+      tile_avx512<4, nr, 1>(wn, K, x + m * K, K, K, out);
+      emit(m, 4, n, nr);
+      m += 4;
+    }
+    if (M - m >= 2) {
+      tile_avx512<2, nr, 2>(wn, K, x + m * K, K, K, out);
+      emit(m, 2, n, nr);
+      m += 2;
+    }
+    if (M - m == 1) {
+      tile_avx512<1, nr, 2>(wn, K, x + m * K, K, K, out);
+      emit(m, 1, n, nr);
+    }
+  };
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) block(std::integral_constant<int, NR>{}, n);
+  for (; n < n1; ++n) block(std::integral_constant<int, 1>{}, n);
+}
+
+#pragma GCC diagnostic pop
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && !std::getenv("FASTLM_NO_AVX512");
+  return ok;
+}
+#else
+bool has_avx512() { return false; }
+#endif
+
 template <typename T>
 void linear_few_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -82,6 +200,20 @@ void linear_few_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor*
   if (bias) row_to_float(bias->data_ptr<T>(), bf.data(), N);
   const T* wp = w.data_ptr<T>();
   T* yp = y.data_ptr<T>();
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) {
+      constexpr int64_t NR = 3;
+      // chunks of whole NR-row tiles, >= ~64 KB of W each
+      const int64_t tiles = (N + NR - 1) / NR;
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(NR * K, 1));
+      parallel_range(0, tiles, grain, [&](int64_t begin, int64_t end) {
+        rows_avx512<NR>(wp, xf.data(), M, K, N, bf.data(), yp, begin * NR, std::min(N, end * NR));
+      });
+      return;
+    }
+  }
+#endif
   // Grain: enough W per chunk (>= 64 KB) that claiming chunks costs nothing next to the stream.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(K, 1));
   parallel_range(0, N, grain, [&](int64_t begin, int64_t end) {
