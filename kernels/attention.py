@@ -66,7 +66,7 @@ def _dropout_keep(rows, cols, bh, seed_lo, seed_hi, offset, threshold):
     return (word >> 8) >= threshold.to(tl.uint32)
 
 
-@triton.autotune(configs=_configs(False), key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "DROPOUT"])
+@triton.autotune(configs=_configs(False), key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "KEY_PAD", "DROPOUT"])
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Mask, Out, Lse,                     # q (B,H,Sq,D), k (B,Hkv,Sk,D), v (B,Hkv,Sk,Dv), mask (B,H,Sq,Sk), out (B,H,Sq,Dv), lse (B,H,Sq)
@@ -75,7 +75,8 @@ def _attn_fwd_kernel(
     H, Sq, Sk, D, Dv, GROUP,                     # GROUP = H // Hkv
     scale,                                       # softmax scale (fp32)
     seed_lo, seed_hi, rng_offset, threshold, inv_keep,  # dropout (uint32 words as ints, 24-bit threshold, 1/(1-p))
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -105,35 +106,40 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Sk
-        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * sks + offs_d[:, None],
-                     mask=n_ok[None, :] & (offs_d < D)[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt) * qk_scale  # log2 domain
-        if HAS_MASK:
-            am = tl.load(m_base + offs_m[:, None].to(tl.int64) * smq + offs_n[None, :].to(tl.int64) * smk,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            s = s + am * 1.4426950408889634
-        valid = n_ok[None, :]
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = _dropout_keep(offs_m[:, None], offs_n[None, :], bh, seed_lo, seed_hi, rng_offset, threshold)
-            p = tl.where(keep, p * inv_keep, 0.0)
-        vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_dv[None, :],
-                     mask=n_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
-        if UPCAST:
-            acc += tl.dot(p, vt.to(tl.float32))
-        else:
-            acc += tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        live = True
+        if KEY_PAD:  # a row-independent mask: skip key blocks it masks fully (no loads of K/V, no dots)
+            kp = tl.load(m_base + offs_n.to(tl.int64) * smk, mask=n_ok, other=float("-inf")).to(tl.float32)
+            live = tl.max(kp, 0) > float("-inf")
+        if live:
+            kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * sks + offs_d[:, None],
+                         mask=n_ok[None, :] & (offs_d < D)[:, None], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt) * qk_scale  # log2 domain
+            if HAS_MASK:
+                am = tl.load(m_base + offs_m[:, None].to(tl.int64) * smq + offs_n[None, :].to(tl.int64) * smk,
+                             mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                s = s + am * 1.4426950408889634
+            valid = n_ok[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if DROPOUT:
+                keep = _dropout_keep(offs_m[:, None], offs_n[None, :], bh, seed_lo, seed_hi, rng_offset, threshold)
+                p = tl.where(keep, p * inv_keep, 0.0)
+            vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_dv[None, :],
+                         mask=n_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+            if UPCAST:
+                acc += tl.dot(p, vt.to(tl.float32))
+            else:
+                acc += tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -142,7 +148,7 @@ def _attn_fwd_kernel(
     tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=m_ok)
 
 
-@triton.autotune(configs=_configs(True), key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "DROPOUT"])
+@triton.autotune(configs=_configs(True), key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "KEY_PAD", "DROPOUT"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, Mask, DO, Lse, Delta, DK, DV,       # dO (B,H,Sq,Dv); lse, delta (B,H,Sq) fp32; dk, dv like k, v (contiguous)
@@ -151,7 +157,8 @@ def _attn_bwd_dkdv_kernel(
     H, Hkv, Sq, Sk, D, Dv, GROUP,
     scale,
     seed_lo, seed_hi, rng_offset, threshold, inv_keep,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -181,7 +188,11 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         m_base = Mask + b.to(tl.int64) * smb + h.to(tl.int64) * smh
-        for start_m in range(lo, Sq, BLOCK_M):
+        hi_m = Sq
+        if KEY_PAD:  # key block fully masked for this head: dK = dV = 0 from it, no query loop
+            kp = tl.load(m_base + offs_n.to(tl.int64) * smk, mask=n_ok, other=float("-inf")).to(tl.float32)
+            hi_m = Sq * (tl.max(kp, 0) > float("-inf")).to(tl.int32)
+        for start_m in range(lo, hi_m, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Sq
             qt = tl.load(q_base + offs_m[None, :].to(tl.int64) * sqs + offs_d[:, None],
@@ -227,7 +238,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(out_v, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & (offs_dv < Dv)[None, :])
 
 
-@triton.autotune(configs=_configs(True), key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "DROPOUT"])
+@triton.autotune(configs=_configs(True), key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "KEY_PAD", "DROPOUT"])
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, Mask, DO, Lse, Delta, DQ,
@@ -236,7 +247,8 @@ def _attn_bwd_dq_kernel(
     H, Sq, Sk, D, Dv, GROUP,
     scale,
     seed_lo, seed_hi, rng_offset, threshold, inv_keep,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -270,31 +282,36 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Sk
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :],
-                    mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)           # [BLOCK_N, BLOCK_D]
-        vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * svs + offs_dv[:, None],
-                     mask=n_ok[None, :] & (offs_dv < Dv)[:, None], other=0.0)        # [BLOCK_DV, BLOCK_N]
-        if UPCAST:
-            k = k.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_MASK:
-            am = tl.load(m_base + offs_m[:, None].to(tl.int64) * smq + offs_n[None, :].to(tl.int64) * smk,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            s = s + am * 1.4426950408889634
-        valid = n_ok[None, :] & row_live[:, None]
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, vt).to(tl.float32)
-        if DROPOUT:
-            keep = _dropout_keep(offs_m[:, None], offs_n[None, :], bh, seed_lo, seed_hi, rng_offset, threshold)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = p * (dp - delta[:, None])
-        if UPCAST:
-            dq += tl.dot(ds, k)
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        live = True
+        if KEY_PAD:
+            kp = tl.load(m_base + offs_n.to(tl.int64) * smk, mask=n_ok, other=float("-inf")).to(tl.float32)
+            live = tl.max(kp, 0) > float("-inf")
+        if live:
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :],
+                        mask=n_ok[:, None] & (offs_d < D)[None, :], other=0.0)           # [BLOCK_N, BLOCK_D]
+            vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * svs + offs_dv[:, None],
+                         mask=n_ok[None, :] & (offs_dv < Dv)[:, None], other=0.0)        # [BLOCK_DV, BLOCK_N]
+            if UPCAST:
+                k = k.to(tl.float32)
+                vt = vt.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if HAS_MASK:
+                am = tl.load(m_base + offs_m[:, None].to(tl.int64) * smq + offs_n[None, :].to(tl.int64) * smk,
+                             mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                s = s + am * 1.4426950408889634
+            valid = n_ok[None, :] & row_live[:, None]
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, vt).to(tl.float32)
+            if DROPOUT:
+                keep = _dropout_keep(offs_m[:, None], offs_n[None, :], bh, seed_lo, seed_hi, rng_offset, threshold)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = p * (dp - delta[:, None])
+            if UPCAST:
+                dq += tl.dot(ds, k)
+            else:
+                dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * scale
     tl.store(DQ + bh.to(tl.int64) * Sq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
@@ -309,9 +326,15 @@ def _dropout_args(dropout_p: float, rng):
 
 
 def _mask_args(mask, like):
+    """-> (pointer tensor, strides, HAS_MASK, KEY_PAD). KEY_PAD: the mask is the same for every query row
+    (a (B, 1, 1, Sk) key-padding mask or any mask broadcast over Sq), so the kernels test each key block
+    once and skip the blocks it masks fully."""
     if mask is None:
-        return like, (0, 0, 0, 0), False
-    return mask, tuple(mask.stride()), True
+        return like, (0, 0, 0, 0), False, False
+    smb, smh, smq, smk = mask.stride()
+    if mask.shape[2] <= 1:
+        smq = 0
+    return mask, (smb, smh, smq, smk), True, smq == 0
 
 
 def _blocks(D: int, Dv: int):
@@ -326,7 +349,7 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float
     lse = new_output((B, H, Sq), like=q, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    m, (smb, smh, smq, smk), has_mask = _mask_args(mask, q)
+    m, (smb, smh, smq, smk), has_mask, key_pad = _mask_args(mask, q)
     drop, has_drop = _dropout_args(dropout_p, rng)
     BLOCK_D, BLOCK_DV = _blocks(D, Dv)
     grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -334,7 +357,7 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float
         q, k, v, m, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         smb, smh, smq, smk, H, Sq, Sk, D, Dv, H // Hkv, float(scale), *drop,
-        IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, DROPOUT=has_drop, UPCAST=INTERPRET,
+        IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, KEY_PAD=key_pad, DROPOUT=has_drop, UPCAST=INTERPRET,
         BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
     )
     return out, lse
@@ -353,12 +376,12 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, is_causal: bool, 
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = (dout.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
-    m, (smb, smh, smq, smk), has_mask = _mask_args(mask, q)
+    m, (smb, smh, smq, smk), has_mask, key_pad = _mask_args(mask, q)
     drop, has_drop = _dropout_args(dropout_p, rng)
     BLOCK_D, BLOCK_DV = _blocks(D, Dv)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    flags = dict(IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, DROPOUT=has_drop, UPCAST=INTERPRET,
+    flags = dict(IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, KEY_PAD=key_pad, DROPOUT=has_drop, UPCAST=INTERPRET,
                  BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     grid_kv = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_kv](q, k, v, m, dout, lse, delta, dk, dv, *strides, smb, smh, smq, smk,

@@ -19,7 +19,10 @@ from tests.helpers import FULL, INTERPRET, assert_close, backend_params, poison_
 OP = "scaled_dot_product_attention"
 
 # (B, H, Hkv, Sq, Sk, D, Dv, mask kind, causal). mask kinds: None, "pad" (B, 1, 1, Sk) bool key padding,
-# "bool" full (B, H, Sq, Sk) bool, "add2d" additive (Sq, Sk), "add_bh" additive (1, H, Sq, Sk).
+# "bool" full (B, H, Sq, Sk) bool, "add2d" additive (Sq, Sk), "add_bh" additive (1, H, Sq, Sk),
+# "padblk" / "padblk_add" (B, 1, 1, Sk) key padding, bool / additive, with whole key blocks masked (the
+# kernels skip them), a batch whose keys are all masked (its rows see no key: zeros) and one with a
+# single live key.
 CASES_FULL = [
     (2, 3, 3, 1, 1, 16, 16, None, False),
     (2, 3, 3, 7, 7, 40, 40, None, True),
@@ -32,6 +35,8 @@ CASES_FULL = [
     (1, 2, 2, 33, 70, 40, 24, "pad", False),      # value head dim differs from the query's
     (1, 1, 1, 7, 130, 256, 256, None, False),
     (1, 2, 2, 127, 1, 64, 64, None, True),
+    (3, 2, 2, 17, 200, 64, 64, "padblk", False),
+    (3, 4, 2, 70, 300, 40, 40, "padblk_add", False),
 ]
 # Small ones for the Triton interpreter (serial numpy: keep the grids tiny).
 CASES_SMALL = [
@@ -43,6 +48,8 @@ CASES_SMALL = [
     (1, 1, 1, 20, 20, 128, 128, "add_bh", False),
     (1, 2, 2, 20, 20, 16, 16, None, True),
     (1, 1, 1, 9, 12, 40, 24, "pad", False),
+    (3, 2, 1, 9, 70, 16, 16, "padblk", False),
+    (3, 2, 2, 5, 50, 16, 16, "padblk_add", False),
 ]
 
 
@@ -61,6 +68,8 @@ def _make_mask(kind, B, H, Sq, Sk, dtype, device):
         lens = torch.randint(1, Sk + 1, (B,), generator=g)
         lens[0] = Sk
         return (torch.arange(Sk)[None, :] < lens[:, None]).view(B, 1, 1, Sk).to(device)
+    if kind in ("padblk", "padblk_add"):
+        return _padblk_mask(B, Sk, dtype if kind == "padblk_add" else None, g).to(device)
     if kind == "bool":
         m = torch.rand(B, H, Sq, Sk, generator=g) > 0.3
         m[..., 0, :] = False  # a fully masked row: zeros, as torch
@@ -71,6 +80,23 @@ def _make_mask(kind, B, H, Sq, Sk, dtype, device):
         m = torch.randn(1, H, Sq, Sk, generator=g)
         return m.masked_fill(torch.rand(1, H, Sq, Sk, generator=g) > 0.8, float("-inf")).to(dtype).to(device)
     raise AssertionError(kind)
+
+
+def _padblk_mask(B, Sk, dtype, g):
+    """(B, 1, 1, Sk) key padding: batch 0 masks keys [Sk/5, 4 Sk/5) (whole key blocks of 16 to 64) and a
+    few scattered ones, batch 1 masks every key, batch 2 keeps only its last key; bool, or additive
+    (finite random values where kept, -inf where masked) when dtype is given."""
+    keep = torch.rand(B, Sk, generator=g) > 0.1
+    keep[0, Sk // 5: 4 * Sk // 5] = False
+    if B > 1:
+        keep[1] = False
+    if B > 2:
+        keep[2] = False
+        keep[2, -1] = True
+    keep = keep.view(B, 1, 1, Sk)
+    if dtype is None:
+        return keep
+    return (torch.randn(B, 1, 1, Sk, generator=g) * 2).masked_fill(~keep, float("-inf")).to(dtype)
 
 
 def _inputs(B, H, Hkv, Sq, Sk, D, Dv, dtype, device, seed=0):
@@ -144,6 +170,56 @@ def test_leading_batch_dims_and_3d():
     q3, k3, v3 = (torch.randn(4, 7, 16) for _ in range(3))
     torch.testing.assert_close(ops.scaled_dot_product_attention(q3, k3, v3, is_causal=True),
                                F.scaled_dot_product_attention(q3, k3, v3, is_causal=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,qshape", [
+    ((2, 1, 1, 40), (2, 3, 9, 16)),          # key padding
+    ((40,), (2, 3, 9, 16)),                  # one key vector for everything
+    ((1, 3, 1, 40), (2, 3, 9, 16)),          # per head
+    ((9, 40), (2, 3, 9, 16)),                # (Sq, Sk)
+    ((1, 2, 1, 1, 40), (3, 2, 3, 9, 16)),    # two batch dims, broadcast over the first (not mergeable)
+])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_broadcast_mask_is_not_materialized(monkeypatch, shape, qshape, dtype):
+    """The kernels get the mask as a stride-0 view of (at most the batch-expanded) mask, never the
+    (B, H, Sq, Sk) broadcast, forward and backward; the result still matches torch."""
+    g = torch.Generator().manual_seed(5)
+    kshape = tuple(qshape[:-2]) + (shape[-1], qshape[-1])
+    q, k, v = (torch.randn(sh, generator=g).requires_grad_() for sh in (qshape, kshape, kshape))
+    keep = torch.rand(shape, generator=g) > 0.3
+    mask = keep if dtype == torch.bool else torch.randn(shape, generator=g).masked_fill(~keep, float("-inf"))
+    seen = []
+    for name in ("_fwd_impl", "_bwd_impl"):
+        orig = getattr(attn_ops, name)
+
+        def spy(backend, orig=orig, name=name):
+            f = orig(backend)
+
+            def g(*args):
+                m = args[3] if name == "_fwd_impl" else args[6]
+                seen.append((name, tuple(m.shape), m.stride(), m.untyped_storage().nbytes() // m.element_size()))
+                return f(*args)
+            return g
+        monkeypatch.setattr(attn_ops, name, spy)
+    with fastlm.use_backend("cpu" if "cpu" in fastlm.available_backends(OP, "cpu") else "reference"):
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    B = math.prod(qshape[:-3])
+    H, Sq, Sk = qshape[-3], qshape[-2], k.shape[-2]
+    batch_elems = math.prod(qshape[:-3]) * math.prod(shape[-3:]) if len(shape) == 5 else keep.numel()
+    assert [n for n, *_ in seen] == ["_fwd_impl", "_bwd_impl"], seen
+    for name, shp, stride, storage in seen:
+        assert shp == (B, H, Sq, Sk), (name, shp)
+        assert storage <= batch_elems, f"{name}: the mask reached the kernel as {storage} elements (materialized)"
+        for d in range(4):
+            full = (B, H, Sq, Sk)[d]
+            own = ((1,) * (4 - len(shape)) + tuple(shape))[d] if len(shape) <= 4 else (B, 1, 1, Sk)[d]
+            if own == 1 and full > 1:
+                assert stride[d] == 0, (name, d, stride)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(tuple(qshape[:-1]) + (Sk,)))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for got, w in zip((dq, dk, dv), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-4)
 
 
 def test_fully_masked_rows_are_zero():

@@ -191,6 +191,21 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
                              f"to (..., H, Sq, Sk) = {target}")
 
 
+def _broadcast_mask(mask: Tensor, batch: tuple, H: int, Sq: int, Sk: int) -> Tensor:
+    """A mask broadcastable to batch + (H, Sq, Sk) -> a (prod(batch), H, Sq, Sk) view with stride 0 where it
+    broadcasts: the kernels read it through its strides, so a (B, 1, 1, Sk) key-padding mask stays B x Sk
+    in memory (never the O(S^2) broadcast). Only when several leading batch dims cannot be merged in a
+    view (e.g. a mask broadcast over the first one only) is the mask copied, over those batch dims alone."""
+    nb = math.prod(batch)
+    full = batch + (H, Sq, Sk)
+    mask = mask.reshape((1,) * (len(full) - mask.dim()) + tuple(mask.shape))
+    try:
+        return mask.expand(full).view((nb, H, Sq, Sk))
+    except RuntimeError:  # batch dims with strides that do not merge
+        own = tuple(mask.shape[-3:])
+        return mask.expand(batch + own).reshape((nb,) + own).expand((nb, H, Sq, Sk))
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -220,7 +235,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 ~attn_mask, float("-inf"))
-        mask = attn_mask.expand(batch + (H, Sq, Sk)).reshape((-1, H, Sq, Sk))
+        mask = _broadcast_mask(attn_mask, batch, H, Sq, Sk)
     rng = None
     dropout_p = float(dropout_p)
     if dropout_p > 0.0:
