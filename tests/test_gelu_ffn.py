@@ -392,3 +392,23 @@ def test_available_backends_api():
     assert cpu[-1] == "reference" and "cuda" not in cpu
     assert fastlm.available_backends("linear_gelu", "cpu") == cpu
     assert ("triton" in cpu) == INTERPRET
+
+
+def test_linear_helper():
+    """fastlm.ops.gelu_ffn.linear (the models' projections): == F.linear for row- and column-major weights,
+    leading dims, strided rows, with or without bias; oneDNN only without autograd, gradients otherwise."""
+    import sys
+    linear = sys.modules["fastlm.ops.gelu_ffn"].linear
+    x = torch.randn(2, 7, 2 * 40)[..., :40]
+    w, b = torch.randn(37, 40) / 40 ** 0.5, torch.randn(37)
+    for weight in (w, w.t().contiguous().t()):
+        for bias in (b, None):
+            with torch.inference_mode():
+                y = linear(x, weight, bias)
+            assert y.shape == (2, 7, 37)
+            torch.testing.assert_close(y, F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+                                       .float(), rtol=1e-5, atol=1e-5)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    linear(xl, wl, b).sum().backward()
+    torch.testing.assert_close(wl.grad, torch.ones(2 * 7, 37).t() @ x.reshape(-1, 40))
+    assert linear(x.double(), w.double(), b.double()).dtype == torch.float64

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fastlm import ops
+from fastlm.ops.gelu_ffn import linear as _linear    # F.linear; oneDNN's GEMM on CPU fp32 in inference
 
 logger = logging.getLogger("fastlm.patch")
 
@@ -77,11 +78,22 @@ class _GPT2MLPForward:
         return self.dropout(y)
 
 
+class _Conv1DForward:
+    """transformers' Conv1D (GPT-2's attention projections): x @ W + b, W stored (in, out). Inference on
+    CPU fp32 runs oneDNN's GEMM with W as it is stored (~2x the MKL sgemm of the original addmm on the
+    2-core CI machine); anything else (training, GPU, other dtypes) is the original forward."""
+
+    def forward(self, x):
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            return _linear(x, self.weight.t(), self.bias)
+        return super().forward(x)
+
+
 class _BertAddNormForward:
     """BertSelfOutput and BertOutput: dense -> dropout -> LayerNorm(. + input_tensor), the add fused."""
 
     def forward(self, hidden_states, input_tensor):
-        hidden_states = self.dropout(self.dense(hidden_states))
+        hidden_states = self.dropout(_linear(hidden_states, self.dense.weight, self.dense.bias))
         return _add_ln(self.LayerNorm, hidden_states, input_tensor)[0]
 
 
@@ -162,6 +174,7 @@ _RULES: tuple[Rule, ...] = (
     Rule(f"{_GPT2}:GPT2Block", _GPT2BlockForward, "residual add + ln_2 -> add_layer_norm"),
     Rule(f"{_GPT2}:GPT2MLP", _GPT2MLPForward, "c_fc + tanh GELU + c_proj -> gelu_ffn", _gpt2_mlp_check,
          ("_fastlm_approximate",)),
+    Rule("transformers.pytorch_utils:Conv1D", _Conv1DForward, "Conv1D -> oneDNN GEMM (CPU fp32 inference)"),
     Rule(f"{_BERT}:BertSelfOutput", _BertAddNormForward, "dense + dropout + add & LayerNorm -> add_layer_norm"),
     Rule(f"{_BERT}:BertOutput", _BertAddNormForward, "dense + dropout + add & LayerNorm -> add_layer_norm"),
     Rule(f"{_BERT}:BertLayer", _BertLayerForward, "BertIntermediate + BertOutput -> gelu_ffn + add_layer_norm",

@@ -7,6 +7,8 @@ Same outputs as transformers' `BertModel` (encoder-only, absolute positions). Pe
 projection (the three HF weights concatenated once, at load), `ops.scaled_dot_product_attention` with
 the padding mask as a boolean key mask (no mask at all when nothing is padded), the output projection,
 `ops.add_layer_norm` (residual add fused), `ops.gelu_ffn` (fc1 + GELU + fc2), `ops.add_layer_norm`.
+The projections (QKV, output, pooler) go through `fastlm.ops.gelu_ffn.linear`: oneDNN's GEMM on the
+CPU in fp32 (~2x the MKL sgemm behind F.linear on the 2-core CI machine), F.linear elsewhere.
 `forward` runs under `torch.inference_mode()`: this model is for inference (patch a `BertModel` with
 `fastlm.patch` to train).
 """
@@ -16,11 +18,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import ops
 from fastlm.nn import LayerNorm
+from fastlm.ops.gelu_ffn import linear   # F.linear; oneDNN on CPU fp32 (inference)
 
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh"}
 
@@ -63,10 +65,10 @@ class BertLayer(torch.nn.Module):
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor]) -> Tensor:
         B, S, H = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, S, 3, self.num_heads, self.head_dim)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(B, S, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # each (B, nh, S, hd), views
         a = ops.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        a = F.linear(a.transpose(1, 2).reshape(B, S, H), self.proj.weight, self.proj.bias)
+        a = linear(a.transpose(1, 2).reshape(B, S, H), self.proj.weight, self.proj.bias)
         x, _ = ops.add_layer_norm(a, x, (H,), self.ln_attn.weight, self.ln_attn.bias, self.ln_attn.eps)
         y = ops.gelu_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                          approximate=self.approximate)
@@ -120,7 +122,7 @@ class Bert(torch.nn.Module):
                 key_mask = keep[:, None, None, :]            # (B, 1, 1, S): broadcast over heads and queries
         for layer in self.layers:
             x = layer(x, key_mask)
-        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+        pooled = torch.tanh(linear(x[:, 0], self.pooler.weight, self.pooler.bias)) if self.pooler is not None else None
         return BertOutput(x, pooled)
 
     @classmethod
