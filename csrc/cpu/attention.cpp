@@ -6,11 +6,14 @@
 // causal = top-left aligned (row i sees keys j <= i). Dropout from (seed, offset): see
 // cuda/attention_math.h.
 //
-// Forward: tasks (batch, head, query block of kBQ rows), handed out dynamically to the threads; each
-// thread converts K^T and V of the task's (b, kv head) to fp32 panels when it changes: S = Q K^T for a kBK-key block
-// (register-blocked at::vec GEMM, fp32), online softmax (running max m, sum l, rescaled output
-// accumulator), O += P V. Key blocks above the causal diagonal are skipped, and so are key blocks a
-// key-padding mask (row-independent, (B, 1, 1, Sk) broadcast) masks fully. Memory O(S), never S x S.
+// Forward: tasks (batch, head, query block of kBQ rows), handed out dynamically to the threads (an
+// atomic counter: on a shared machine a preempted thread does not hold the other at a barrier). Each
+// worker converts K^T and V of its task's (b, kv head) to fp32 panels when the head changes (tasks are
+// (b, h)-major, so the panels stay in that core's L2). Per kBK-key block: S = Q K^T (register-blocked
+// fp32 GEMM: AVX-512 when the CPU has it, chosen at run time, else AVX2), online softmax (running max
+// m, sum l, rescaled output accumulator; AVX-512 exp), O += P V. Key blocks above the causal diagonal
+// are skipped, and so are key blocks a row-independent mask (a (B, 1, 1, Sk) key-padding mask, read
+// through its stride-0 broadcast) masks fully. Memory O(S), never S x S.
 // Backward (FlashAttention-2 style, recomputing P from the saved logsumexp): at::parallel_for over
 // (batch, kv head); the task owns dK, dV of its kv head and dQ of the heads of its group, all in
 // fp32, so no atomics and a schedule-independent result. Per (key block, query block):

@@ -112,14 +112,18 @@ __global__ void __launch_bounds__(kRows * kWarp) attn_fwd_kernel(const T* __rest
     for (int jj = 0; jj < kTile; ++jj) {
       const int64_t j = j0 + jj;
       if (j >= p.Sk || (p.causal && j > i)) break;
+      // The mask is read first (one value for the whole warp, so the branch is uniform): a masked key
+      // (a key-padding mask's padded keys) costs no dot product.
+      const float mv = mask_at(mask, p, b, h, i, j);
+      if (mv == neg_inf()) continue;  // masked key: contributes nothing
       float s = 0.f;
 #pragma unroll
       for (int t = 0; t < kPerLane; ++t) {
         const int64_t d = lane + t * kWarp;
         if (d < p.D) s += qr[t] * Ks[jj * p.D + d];
       }
-      s = warp_sum(s) + mask_at(mask, p, b, h, i, j);
-      if (s == neg_inf()) continue;  // masked key: contributes nothing
+      s = warp_sum(s) + mv;
+      if (s == neg_inf()) continue;
       const float m_new = fmaxf(m, s);
       const float alpha = __expf(m - m_new);  // 0 when m was -inf
       float e = __expf(s - m_new);
@@ -201,6 +205,8 @@ __global__ void __launch_bounds__(kRows * kWarp) attn_bwd_dq_kernel(const T* __r
     for (int jj = 0; jj < kTile; ++jj) {
       const int64_t j = j0 + jj;
       if (j >= p.Sk || (p.causal && j > i)) break;
+      const float mv = mask_at(mask, p, b, h, i, j);  // warp-uniform: masked keys skip the dots
+      if (mv == neg_inf()) continue;
       float s = 0.f, dp = 0.f;
 #pragma unroll
       for (int t = 0; t < kPerLane; ++t) {
@@ -208,7 +214,7 @@ __global__ void __launch_bounds__(kRows * kWarp) attn_bwd_dq_kernel(const T* __r
         if (d < p.D) s += qr[t] * Ks[jj * p.D + d];
         if (d < p.Dv) dp += gr[t] * Vs[jj * p.Dv + d];
       }
-      s = warp_sum(s) + mask_at(mask, p, b, h, i, j);
+      s = warp_sum(s) + mv;
       dp = warp_sum(dp);
       if (s == neg_inf()) continue;
       const float pr = __expf(s - L);
@@ -275,6 +281,8 @@ __global__ void __launch_bounds__(kRows * kWarp) attn_bwd_dkdv_kernel(const T* _
         if (p.causal && j > i) continue;
         const float L = lse[bh * p.Sq + i];
         if (L == neg_inf()) continue;
+        const float mv = mask_at(mask, p, b, h, i, j);  // warp-uniform: masked keys skip the dots
+        if (mv == neg_inf()) continue;
         float s = 0.f, dp = 0.f;
 #pragma unroll
         for (int t = 0; t < kPerLane; ++t) {
@@ -282,7 +290,7 @@ __global__ void __launch_bounds__(kRows * kWarp) attn_bwd_dkdv_kernel(const T* _
           if (d < p.D) s += kr[t] * Qs[ii * p.D + d];
           if (d < p.Dv) dp += vr[t] * Gs[ii * p.Dv + d];
         }
-        s = warp_sum(s) + mask_at(mask, p, b, h, i, j);
+        s = warp_sum(s) + mv;
         dp = warp_sum(dp);
         if (s == neg_inf()) continue;
         const float pr = __expf(s - L);

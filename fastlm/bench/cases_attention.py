@@ -110,3 +110,36 @@ for devices, shapes in ((("cpu",), CPU_SHAPES), (("cuda",), GPU_SHAPES)):
         for mode in ("fwd", "bwd", "fwd+bwd"):
             register(Case("kernels", "attention", f"attention {mode} {name}",
                           functools.partial(_make, B, H, S, D, causal, mode), params, quick, devices))
+
+
+def _make_key_padding(B, H, S, D, device, dtype):
+    """Forward with a (B, 1, 1, S) bool key-padding mask (sequence lengths S, 3S/4, S/2, S/4, ...): the
+    fastlm kernels skip the fully padded key blocks. FLOPs counted for the unpadded keys only."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    lens = torch.tensor([S - (b % 4) * S // 4 for b in range(B)])
+    mask = (torch.arange(S)[None, :] < lens[:, None]).view(B, 1, 1, S).to(device)
+    contenders = {"torch (sdpa default)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+    for be in bench_backends(OP, device):
+        contenders[f"fastlm:{be}"] = functools.partial(
+            _with_backend, be, lambda: ops.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+    def check():
+        additive = torch.zeros(mask.shape, dtype=torch.float64, device=device).masked_fill(~mask, float("-inf"))
+        oracle = reference.attention_fwd_ref(q.double(), k.double(), v.double(), additive, 1.0 / math.sqrt(D),
+                                             False)[0]
+        errs = {}
+        for label, fwd in contenders.items():
+            be = label.split(":", 1)[1] if label.startswith("fastlm:") else "auto"
+            errs[label] = max_err(_with_backend(be, fwd), oracle)
+        return errs
+
+    flops = 4 * H * S * D * float(lens.sum())
+    return Bound(contenders, flops=flops, check=check, baseline="torch (sdpa default)")
+
+
+for devices, (B, H, S, D) in ((("cpu",), (4, 12, 512, 64)), (("cuda",), (16, 16, 4096, 128))):
+    tag = "" if devices == ("cpu",) else " [gpu]"
+    register(Case("kernels", "attention", f"attention fwd ({B},{H},{S},{D}) key-padding{tag}",
+                  functools.partial(_make_key_padding, B, H, S, D), {"B": B, "H": H, "S": S, "D": D, "mask": "pad"},
+                  False, devices))
