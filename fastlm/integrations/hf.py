@@ -16,6 +16,10 @@ How it works (everything is driven by the table `_RULES` below, nothing is writt
   recorders keep working), and `unpatch` swaps the original class back.
   Exact type matches only: a user subclass with its own forward is left alone (and reported).
 
+Projections: GPT-2's Conv1D modules and BERT's output denses run, on the CPU in fp32, on oneDNN's
+GEMMs (`fastlm.ops.gelu_ffn.linear`, forward and backward: ~2x the MKL sgemm behind torch.addmm /
+F.linear on the 2-core CI machine); elsewhere they are the original ops.
+
 Numerics: the fastlm forwards compute the same math as the modules they replace (GPT-2's "gelu_new"
 is the tanh GELU, BERT's "gelu" the exact one); dropout modules are called as before, so train mode
 is honoured; cross-attention paths fall back to the original forward.
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fastlm import ops
-from fastlm.ops.gelu_ffn import linear as _linear    # F.linear; oneDNN's GEMM on CPU fp32 in inference
+from fastlm.ops.gelu_ffn import linear as _linear    # F.linear; oneDNN's GEMMs on CPU fp32
 
 logger = logging.getLogger("fastlm.patch")
 
@@ -79,12 +83,12 @@ class _GPT2MLPForward:
 
 
 class _Conv1DForward:
-    """transformers' Conv1D (GPT-2's attention projections): x @ W + b, W stored (in, out). Inference on
-    CPU fp32 runs oneDNN's GEMM with W as it is stored (~2x the MKL sgemm of the original addmm on the
-    2-core CI machine); anything else (training, GPU, other dtypes) is the original forward."""
+    """transformers' Conv1D (GPT-2's attention projections): x @ W + b, W stored (in, out). On CPU fp32
+    it runs oneDNN's GEMMs (forward and backward) with W as it is stored (~2x the MKL sgemm of the
+    original addmm on the 2-core CI machine); elsewhere (GPU, other dtypes) the original forward."""
 
     def forward(self, x):
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
+        if x.device.type == "cpu" and x.dtype == torch.float32:
             return _linear(x, self.weight.t(), self.bias)
         return super().forward(x)
 
@@ -174,7 +178,7 @@ _RULES: tuple[Rule, ...] = (
     Rule(f"{_GPT2}:GPT2Block", _GPT2BlockForward, "residual add + ln_2 -> add_layer_norm"),
     Rule(f"{_GPT2}:GPT2MLP", _GPT2MLPForward, "c_fc + tanh GELU + c_proj -> gelu_ffn", _gpt2_mlp_check,
          ("_fastlm_approximate",)),
-    Rule("transformers.pytorch_utils:Conv1D", _Conv1DForward, "Conv1D -> oneDNN GEMM (CPU fp32 inference)"),
+    Rule("transformers.pytorch_utils:Conv1D", _Conv1DForward, "Conv1D -> oneDNN GEMM (CPU fp32)"),
     Rule(f"{_BERT}:BertSelfOutput", _BertAddNormForward, "dense + dropout + add & LayerNorm -> add_layer_norm"),
     Rule(f"{_BERT}:BertOutput", _BertAddNormForward, "dense + dropout + add & LayerNorm -> add_layer_norm"),
     Rule(f"{_BERT}:BertLayer", _BertLayerForward, "BertIntermediate + BertOutput -> gelu_ffn + add_layer_norm",

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastlm import ops
 from fastlm.nn import LayerNorm
-from fastlm.ops.gelu_ffn import linear   # F.linear; oneDNN on CPU fp32 (inference)
+from fastlm.ops.gelu_ffn import linear   # F.linear; oneDNN's GEMM on CPU fp32
 
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh"}
 
