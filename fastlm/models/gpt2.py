@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastlm import ops
+from fastlm import backends, ops
 from fastlm.ops.decode import decode_attention_unchecked
 from fastlm.nn import LayerNorm, StaticKVCache
 
@@ -209,6 +209,45 @@ class GPT2(torch.nn.Module):
         cache.set_lengths(lengths)
         return ops.linear(x, self.head_weight)
 
+    def _decode_kernels(self, x: Tensor):
+        """(linear, add_layer_norm, decode_attention) for a decode step on `x`'s device and dtype.
+
+        A CPU decode step makes ~100 op calls; through the public ops each pays its argument checks,
+        backend selection and wrappers (~10-30 us: ~2 ms a step at batch 1, next to ~10 ms of weight
+        reads). The step's shapes and dtypes hold by construction, so where the selected backend is
+        the C++ one (honouring fastlm.use_backend), its kernel is called directly; otherwise the
+        public op. add_layer_norm(x, residual or None, w, b, eps) -> (out, summed)."""
+        dev = x.device
+        if dev.type != "cpu" or torch.compiler.is_compiling():
+            return self._generic_kernels()
+        kernel_dtype = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        ok = lambda backend: None if backend == "reference" or kernel_dtype else "dtype"  # noqa: E731
+        lin, ln, att = self._generic_kernels()
+        if backends.select("linear", dev, ok) == "cpu":
+            lin = torch.ops.fastlm_C.linear_fwd
+        if backends.select("add_layer_norm", dev, ok) == "cpu" and backends.select("layer_norm", dev, ok) == "cpu":
+            raw = torch.ops.fastlm_C.layer_norm_fwd
+
+            def ln(x, res, w, b, eps):
+                out = raw(x, res, w, b, eps)
+                return out[0], out[1]
+        if backends.select("decode_attention", dev, ok) == "cpu":
+            att = torch.ops.fastlm_C.decode_attention_fwd
+        return lin, ln, att
+
+    def _generic_kernels(self):
+        n = self.config.n_embd
+
+        def ln(x, res, w, b, eps):
+            if res is None:
+                return ops.layer_norm(x, (n,), w, b, eps), None
+            return ops.add_layer_norm(x, res, (n,), w, b, eps)
+
+        def att(q, k, v, lens, scale):
+            return decode_attention_unchecked(q.contiguous(), k, v, lens, scale)
+
+        return ops.linear, ln, att
+
     @torch.no_grad()
     def decode_step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
         """tokens (B,) long, one new token per row, at position cache.lengths[b] of its row. Appends
@@ -219,23 +258,26 @@ class GPT2(torch.nn.Module):
         cache.check_room()                                  # once a step, not per layer
         pos = cache.lengths.long()
         lens = cache.next_lengths()
+        idx = cache.step_index()                            # where this step's keys/values go, every layer
+        scale = 1.0 / math.sqrt(D)
         h = self.wte(tokens) + self.wpe(pos)                                                  # (B, d)
-        x = None
+        lin, ln, att = self._decode_kernels(h)
+        act = self.config.activation
+        gelu = F.gelu
+        nb = len(self.blocks)
+        x, _ = ln(h, None, self.blocks[0].ln_1.weight, self.blocks[0].ln_1.bias, self.blocks[0].ln_1.eps)
         for layer, blk in enumerate(self.blocks):
-            if x is None:
-                x = ops.layer_norm(h, (c.n_embd,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
-            qkv = ops.linear(x, blk.c_attn.weight, blk.c_attn.bias).view(B, 3, H, D)
-            q, k, v = qkv.unbind(1)                                                           # (B, H, D)
-            cache.append(layer, k, v, check=False)
-            a = decode_attention_unchecked(q.contiguous(), cache.keys(layer), cache.values(layer), lens,
-                                           1.0 / math.sqrt(D))
-            a = ops.linear(a.reshape(B, c.n_embd), blk.c_proj.weight, blk.c_proj.bias)
-            x, h = ops.add_layer_norm(a, h, (c.n_embd,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            m = self._mlp(blk, x)
-            nxt = self.blocks[layer + 1].ln_1 if layer + 1 < len(self.blocks) else self.ln_f
-            x, h = ops.add_layer_norm(m, h, (c.n_embd,), nxt.weight, nxt.bias, nxt.eps)
+            qkv = lin(x, blk.c_attn.weight, blk.c_attn.bias).view(B, 3, H, D)
+            q, k, v = qkv.unbind(1)                                        # (B, H, D), rows strided
+            cache.append(layer, k, v, check=False, index=idx)
+            a = att(q, cache.keys(layer), cache.values(layer), lens, scale)  # kernels take strided q
+            a = lin(a.reshape(B, c.n_embd), blk.c_proj.weight, blk.c_proj.bias)
+            x, h = ln(a, h, blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
+            m = lin(gelu(lin(x, blk.fc.weight, blk.fc.bias), approximate=act), blk.proj.weight, blk.proj.bias)
+            nxt = self.blocks[layer + 1].ln_1 if layer + 1 < nb else self.ln_f
+            x, h = ln(m, h, nxt.weight, nxt.bias, nxt.eps)
         cache.advance()
-        return ops.linear(x, self.head_weight)
+        return lin(x, self.head_weight, None)
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor) -> Tensor:

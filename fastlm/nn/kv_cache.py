@@ -60,18 +60,24 @@ class StaticKVCache(torch.nn.Module):
         if self.batch and int(self.lengths.max()) + n > self.max_seq:
             raise ValueError(f"StaticKVCache: a row is full (max_seq={self.max_seq})")
 
-    def append(self, layer: int, key: Tensor, value: Tensor, check: bool = True) -> None:
+    def append(self, layer: int, key: Tensor, value: Tensor, check: bool = True, index: Tensor | None = None) -> None:
         """Write one token per row, key/value (batch, kv_heads, head_dim), at position lengths[b] of
-        row b (in place). check=False skips the room check (the caller ran check_room once a step)."""
+        row b (in place). check=False skips the room check (the caller ran check_room once a step);
+        index: step_index() computed once for the step (default: computed here)."""
         self._check_kv("append", key, (self.batch, self.kv_heads, self.head_dim))
         self._check_kv("append", value, (self.batch, self.kv_heads, self.head_dim))
         if check:
             self.check_room()
-        pos = self.lengths.long()
-        idx = (self._base + pos[:, None]).view(-1)                     # (batch * kv_heads,)
+        idx = self.step_index() if index is None else index            # (batch * kv_heads,)
         D = self.head_dim
         self.k[layer].view(-1, D).index_copy_(0, idx, key.reshape(-1, D).to(self.k.dtype))
         self.v[layer].view(-1, D).index_copy_(0, idx, value.reshape(-1, D).to(self.v.dtype))
+
+    def step_index(self) -> Tensor:
+        """The flat row indices (batch * kv_heads,) of every row's next position in a layer's
+        (batch * kv_heads * max_seq, head_dim) view: the same for all layers of a decode step, so a
+        step computes it once and passes it to append(..., index=)."""
+        return (self._base + self.lengths.long()[:, None]).view(-1)
 
     def advance(self, n: int = 1) -> None:
         """Every row grows by n tokens (after all layers appended)."""
