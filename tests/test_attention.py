@@ -172,6 +172,22 @@ def test_leading_batch_dims_and_3d():
                                F.scaled_dot_product_attention(q3, k3, v3, is_causal=True), atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_avx2_fallback():
+    """The CPU kernel picks AVX-512 at run time; its AVX2 path (CPUs without AVX-512) must stay correct:
+    rerun the cpu fp32 parity test and the key-padding checks with FASTLM_CPU_NO_AVX512=1."""
+    import os
+    import subprocess
+    import sys
+    if "cpu" not in fastlm.available_backends(OP, "cpu"):
+        pytest.skip("fastlm._C has no CPU attention kernels")
+    env = {**os.environ, "FASTLM_CPU_NO_AVX512": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                        "(test_parity and cpu-cpu-float32) or test_broadcast_mask_is_not_materialized"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "deselected" in r.stdout, r.stdout[-2000:]
+
+
 @pytest.mark.parametrize("shape,qshape", [
     ((2, 1, 1, 40), (2, 3, 9, 16)),          # key padding
     ((40,), (2, 3, 9, 16)),                  # one key vector for everything
