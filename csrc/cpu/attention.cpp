@@ -18,7 +18,7 @@
 // (batch, kv head); the task owns dK, dV of its kv head and dQ of the heads of its group, all in
 // fp32, so no atomics and a schedule-independent result. Per (key block, query block):
 // S = Q K^T, P = exp(scale S + mask - lse), dP = dO V^T, dS = P (dP - delta), dV += P^T dO,
-// dK += dS^T Q, dQ += dS K.
+// dK += dS^T Q, dQ += dS K (P^T and dS^T are read in place by the GEMM: no transposes).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -57,8 +57,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // registers: arrays of at::vec::Vectorized objects get spilled to the stack by GCC.
 #if defined(__AVX2__) && defined(__FMA__)
 template <int MR, int NV>
-inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                       bool accumulate) {
+inline void gemm_micro(int64_t K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, bool accumulate) {
   static_assert(NV * 8 == NV * kV, "AVX2 micro-kernel expects 8 fp32 lanes");
   __m256 c[MR][NV];
 #pragma GCC unroll 8
@@ -71,7 +71,7 @@ inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, i
     for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + k * ldb + v * 8);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k * ak);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(a, b[v], c[r][v]);
     }
@@ -83,8 +83,8 @@ inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, i
 }
 #else
 template <int MR, int NV>
-inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                       bool accumulate) {
+inline void gemm_micro(int64_t K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, bool accumulate) {
   fVec c[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? fVec::loadu(C + r * ldc + v * kV) : fVec(0.f);
@@ -92,7 +92,7 @@ inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, i
     fVec b[NV];
     for (int v = 0; v < NV; ++v) b[v] = fVec::loadu(B + k * ldb + v * kV);
     for (int r = 0; r < MR; ++r) {
-      const fVec a(A[r * lda + k]);
+      const fVec a(A[r * lda + k * ak]);
       for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, b[v], c[r][v]);
     }
   }
@@ -102,25 +102,27 @@ inline void gemm_micro(int64_t K, const float* A, int64_t lda, const float* B, i
 #endif
 
 template <int NV>
-inline void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                      int64_t ldc, bool acc) {
+inline void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb,
+                      float* C, int64_t ldc, bool acc) {
   int64_t i = 0;
-  for (; i + 6 <= M; i += 6) gemm_micro<6, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+  for (; i + 6 <= M; i += 6) gemm_micro<6, NV>(K, A + i * lda, lda, ak, B, ldb, C + i * ldc, ldc, acc);
+  const float* a = A + i * lda;
+  float* c = C + i * ldc;
   switch (M - i) {
-    case 5: gemm_micro<5, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-    case 4: gemm_micro<4, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-    case 3: gemm_micro<3, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-    case 2: gemm_micro<2, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-    case 1: gemm_micro<1, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
+    case 5: gemm_micro<5, NV>(K, a, lda, ak, B, ldb, c, ldc, acc); break;
+    case 4: gemm_micro<4, NV>(K, a, lda, ak, B, ldb, c, ldc, acc); break;
+    case 3: gemm_micro<3, NV>(K, a, lda, ak, B, ldb, c, ldc, acc); break;
+    case 2: gemm_micro<2, NV>(K, a, lda, ak, B, ldb, c, ldc, acc); break;
+    case 1: gemm_micro<1, NV>(K, a, lda, ak, B, ldb, c, ldc, acc); break;
     default: break;
   }
 }
 
-void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-               int64_t ldc, bool acc) {
+void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb,
+               float* C, int64_t ldc, bool acc) {
   int64_t j = 0;
-  for (; j + 2 * kV <= N; j += 2 * kV) gemm_rows<2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
-  if (j < N) gemm_rows<1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+  for (; j + 2 * kV <= N; j += 2 * kV) gemm_rows<2>(M, K, A, lda, ak, B + j, ldb, C + j, ldc, acc);
+  if (j < N) gemm_rows<1>(M, K, A, lda, ak, B + j, ldb, C + j, ldc, acc);
 }
 
 // ---- AVX-512 versions (compiled for avx512f with a target pragma, chosen at run time) ----
@@ -141,8 +143,8 @@ inline __mmask16 tail_mask(int64_t n) {  // lanes [0, n) of a 16-lane vector, n 
 
 // C[MR x (NV-1)*16 + tail] (+)= A[MR x K] B[K x ...]; the last vector column is masked by `last`.
 template <int MR, int NV>
-inline void gemm512_micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                          bool accumulate, __mmask16 last) {
+inline void gemm512_micro(int64_t K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb, float* C,
+                          int64_t ldc, bool accumulate, __mmask16 last) {
   __m512 c[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -158,7 +160,7 @@ inline void gemm512_micro(int64_t K, const float* A, int64_t lda, const float* B
       b[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, B + k * ldb + v * 16) : _mm512_loadu_ps(B + k * ldb + v * 16);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      const __m512 a = _mm512_set1_ps(A[r * lda + k * ak]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
     }
@@ -175,37 +177,37 @@ inline void gemm512_micro(int64_t K, const float* A, int64_t lda, const float* B
 }
 
 template <int MR, int NV>
-inline void gemm512_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                         int64_t ldc, bool acc, __mmask16 last) {
+inline void gemm512_rows(int64_t M, int64_t K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb,
+                         float* C, int64_t ldc, bool acc, __mmask16 last) {
   int64_t i = 0;
-  for (; i + MR <= M; i += MR) gemm512_micro<MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc, last);
+  for (; i + MR <= M; i += MR) gemm512_micro<MR, NV>(K, A + i * lda, lda, ak, B, ldb, C + i * ldc, ldc, acc, last);
   const float* a = A + i * lda;
   float* c = C + i * ldc;
   switch (M - i) {  // MR <= 8
-    case 7: gemm512_micro<7 < MR ? 7 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
-    case 6: gemm512_micro<6 < MR ? 6 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
-    case 5: gemm512_micro<5 < MR ? 5 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
-    case 4: gemm512_micro<4 < MR ? 4 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
-    case 3: gemm512_micro<3 < MR ? 3 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
-    case 2: gemm512_micro<2 < MR ? 2 : 1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
-    case 1: gemm512_micro<1, NV>(K, a, lda, B, ldb, c, ldc, acc, last); break;
+    case 7: gemm512_micro<7 < MR ? 7 : 1, NV>(K, a, lda, ak, B, ldb, c, ldc, acc, last); break;
+    case 6: gemm512_micro<6 < MR ? 6 : 1, NV>(K, a, lda, ak, B, ldb, c, ldc, acc, last); break;
+    case 5: gemm512_micro<5 < MR ? 5 : 1, NV>(K, a, lda, ak, B, ldb, c, ldc, acc, last); break;
+    case 4: gemm512_micro<4 < MR ? 4 : 1, NV>(K, a, lda, ak, B, ldb, c, ldc, acc, last); break;
+    case 3: gemm512_micro<3 < MR ? 3 : 1, NV>(K, a, lda, ak, B, ldb, c, ldc, acc, last); break;
+    case 2: gemm512_micro<2 < MR ? 2 : 1, NV>(K, a, lda, ak, B, ldb, c, ldc, acc, last); break;
+    case 1: gemm512_micro<1, NV>(K, a, lda, ak, B, ldb, c, ldc, acc, last); break;
     default: break;
   }
 }
 
 // C[M x N] (+)= A[M x K] B[K x N], any N (the last vector is masked).
-void gemm512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-             int64_t ldc, bool acc) {
+void gemm512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, int64_t ak, const float* B, int64_t ldb,
+             float* C, int64_t ldc, bool acc) {
   int64_t j = 0;
-  for (; j + 64 <= N; j += 64) gemm512_rows<6, 4>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, 0xFFFF);
+  for (; j + 64 <= N; j += 64) gemm512_rows<6, 4>(M, K, A, lda, ak, B + j, ldb, C + j, ldc, acc, 0xFFFF);
   const int64_t rest = N - j;
   if (rest <= 0) return;
   const __mmask16 last = tail_mask(rest - (rest - 1) / 16 * 16);
   switch ((rest + 15) / 16) {
-    case 4: gemm512_rows<6, 4>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, last); break;
-    case 3: gemm512_rows<8, 3>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, last); break;
-    case 2: gemm512_rows<8, 2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, last); break;
-    default: gemm512_rows<8, 1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc, last); break;
+    case 4: gemm512_rows<6, 4>(M, K, A, lda, ak, B + j, ldb, C + j, ldc, acc, last); break;
+    case 3: gemm512_rows<8, 3>(M, K, A, lda, ak, B + j, ldb, C + j, ldc, acc, last); break;
+    case 2: gemm512_rows<8, 2>(M, K, A, lda, ak, B + j, ldb, C + j, ldc, acc, last); break;
+    default: gemm512_rows<8, 1>(M, K, A, lda, ak, B + j, ldb, C + j, ldc, acc, last); break;
   }
 }
 
@@ -288,18 +290,14 @@ inline bool use_avx512() {
 #endif
 }
 
+// C[M x N] (+)= A[M x K] B[K x N] with A[r][k] at A[r * lda + k * ak] (ak = 1: row-major A; lda = 1,
+// ak = ld: A is the transpose of a row-major matrix, read in place).
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-          int64_t ldc, bool acc) {
+          int64_t ldc, bool acc, int64_t ak = 1) {
 #if defined(FASTLM_ATTN_AVX512)
-  if (use_avx512()) return gemm512(M, N, K, A, lda, B, ldb, C, ldc, acc);
+  if (use_avx512()) return gemm512(M, N, K, A, lda, ak, B, ldb, C, ldc, acc);
 #endif
-  gemm_avx2(M, N, K, A, lda, B, ldb, C, ldc, acc);
-}
-
-// dst[c][r] = src[r][c] for an R x Cn block (small; stays in L1).
-inline void transpose(const float* src, int64_t lds, int64_t R, int64_t Cn, float* dst, int64_t ldd) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < Cn; ++c) dst[c * ldd + r] = src[r * lds + c];
+  gemm_avx2(M, N, K, A, lda, ak, B, ldb, C, ldc, acc);
 }
 
 struct Shapes {
@@ -597,32 +595,41 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
               float* srow = S.data() + r * kBK;  // -> P, then dS
               float* prow = dP.data() + r * kBK;
               const float li = L[i0 + r];
-              if (li == kNegInf) {
+              if (li == kNegInf) {  // a row that saw no key: P = dS = 0
                 std::fill(srow, srow + kBK, 0.f);
-                std::fill(prow, prow + kBK, 0.f);
-                for (int64_t c = 0; c < bk; ++c) T1[c * kBQ + r] = 0.f;
+                if (drop.on)
+                  for (int64_t c = 0; c < bk; ++c) T1[c * kBQ + r] = 0.f;
                 continue;
               }
               exp_sub_sum(srow, li, bkp);
               const float di = delta[i0 + r];
-              for (int64_t c = 0; c < bk; ++c) {
-                float p = srow[c], dpv = prow[c], pd = p;
-                if (drop.on) {
+              if (drop.on) {
+                for (int64_t c = 0; c < bk; ++c) {
+                  const float p = srow[c];
                   const bool kept = drop.keep(bh, i0 + r, j0 + c);
-                  pd = kept ? p * drop.inv_keep : 0.f;
-                  dpv = kept ? dpv * drop.inv_keep : 0.f;
+                  T1[c * kBQ + r] = kept ? p * drop.inv_keep : 0.f;                // P_dropped^T, for dV
+                  srow[c] = p * ((kept ? prow[c] * drop.inv_keep : 0.f) - di);     // dS
                 }
-                T1[c * kBQ + r] = pd;             // P_dropped^T, for dV
-                srow[c] = p * (dpv - di);         // dS
               }
             }
-            // dV_j += Pd^T dO_i
-            gemm(bk, Dvp, bq, T1.data(), kBQ, dOf.data() + i0 * Dvp, Dvp, dV.data() + j0 * Dvp, Dvp, true);
+            if (drop.on) {
+              // dV_j += Pd^T dO_i
+              gemm(bk, Dvp, bq, T1.data(), kBQ, dOf.data() + i0 * Dvp, Dvp, dV.data() + j0 * Dvp, Dvp, true);
+            } else {
+              // dV_j += P^T dO_i, P^T read in place (no transpose); then dS = P (dP - delta) in place
+              gemm(bk, Dvp, bq, S.data(), 1, dOf.data() + i0 * Dvp, Dvp, dV.data() + j0 * Dvp, Dvp, true, kBK);
+              for (int64_t r = 0; r < bq; ++r) {
+                float* srow = S.data() + r * kBK;
+                const float* prow = dP.data() + r * kBK;
+                const fVec vd(delta[i0 + r]);
+                for (int64_t c = 0; c < bkp; c += kV)
+                  (fVec::loadu(srow + c) * (fVec::loadu(prow + c) - vd)).store(srow + c);
+              }
+            }
             // dQ_i += dS K_j
             gemm(bq, Dp, bk, S.data(), kBK, Kf.data() + j0 * Dp, Dp, dQ.data() + i0 * Dp, Dp, true);
-            // dK_j += dS^T Q_i
-            transpose(S.data(), kBK, bq, bk, T1.data(), kBQ);
-            gemm(bk, Dp, bq, T1.data(), kBQ, Qf.data() + i0 * Dp, Dp, dK.data() + j0 * Dp, Dp, true);
+            // dK_j += dS^T Q_i, dS^T read in place
+            gemm(bk, Dp, bq, S.data(), 1, Qf.data() + i0 * Dp, Dp, dK.data() + j0 * Dp, Dp, true, kBK);
           }
         }
         for (int64_t i = 0; i < s.Sq; ++i) {
