@@ -318,10 +318,11 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     On the CPU in fp32 it runs oneDNN's matmul (torch's mkldnn linear, the GEMM the gelu_ffn CPU kernel
     uses), forward and backward: on this project's 2-core AMD EPYC it is ~2x MKL's sgemm, which F.linear
     uses (768 -> 2304 over 1024 rows: 20 ms vs 44 ms forward; the backward GEMMs likewise). Everything
-    else (other dtypes and devices, torch.compile, FASTLM_CPU_ONEDNN=0) is F.linear."""
+    else (other dtypes and devices, CPU autocast, torch.compile, FASTLM_CPU_ONEDNN=0) is F.linear."""
     if (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.dim() == 2 and input.dim() >= 2 and (bias is None or bias.dtype == torch.float32)
-            and not torch.compiler.is_compiling() and input.numel() > 0 and _onednn_linear_available()):
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu") and input.numel() > 0
+            and _onednn_linear_available()):
         if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _OnednnLinear.apply(input, weight, bias)
