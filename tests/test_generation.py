@@ -211,3 +211,29 @@ def test_cli_generate(hf_small, tmp_path, capsys):
     expected = _hf_greedy(hf_small, torch.tensor([[5, 6, 7]]), n=6)[0, 3:].tolist()
     assert " ".join(map(str, expected)) in out
     assert "tokens/s" in out
+
+
+def test_cpu_decode_thread_count_changes_no_logit(hf_small, monkeypatch):
+    """generate() picks the CPU decode steps' thread count by timing them: the logits of a step must
+    not depend on it (compared bit for bit through the decode steps), and the caller's count is
+    restored afterwards."""
+    model = GPT2.from_hf(hf_small)
+    ids = torch.randint(1, hf_small.config.vocab_size, (1, 70))   # batch * heads < 2 * threads: split cache
+    saved = torch.get_num_threads()
+    logits = {}
+    for n in (1, 2, 3):
+        torch.set_num_threads(n)
+        cache = model.new_cache(1, 72)
+        model.prefill(ids, cache)
+        logits[n] = model.decode_step(ids[:, -1], cache)
+    torch.set_num_threads(saved)
+    assert torch.equal(logits[1], logits[2]) and torch.equal(logits[1], logits[3])
+    outs = []
+    for fixed in ("1", "2", None):
+        if fixed is None:
+            monkeypatch.delenv("FASTLM_DECODE_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("FASTLM_DECODE_THREADS", fixed)
+        outs.append(fastlm.generate(model, ids, max_new_tokens=20).tolist())
+        assert torch.get_num_threads() == saved
+    assert outs[0] == outs[1] == outs[2]

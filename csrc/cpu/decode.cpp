@@ -55,7 +55,9 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at:
   const int64_t Hkv = k.size(1), G = H / Hkv;
   const int64_t max_len = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = decode_num_splits(B * Hkv, max_len, 2 * threads, 64);
+  // At least 16 parallel units whatever the thread count: up to 8 threads the split (and so every
+  // bit of the result) does not depend on it (generate() switches the count between decode steps).
+  const int64_t splits = decode_num_splits(B * Hkv, max_len, std::max<int64_t>(2 * threads, 16), 64);
   const int64_t chunk = std::max<int64_t>(1, (max_len + splits - 1) / splits);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
