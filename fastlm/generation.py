@@ -103,15 +103,17 @@ class _CpuThreads:
     A decode step is ~100 short kernels, most of them parallel regions: with all threads it is the
     fastest on an idle machine, but when other processes hold the cores every region waits for a
     descheduled thread (measured on a busy 2-core machine: 475 ms a step with 2 threads, 17 ms
-    with 1). So every `period` steps one step runs with all threads and the next with one, and the
-    faster count runs until the next probe. Results do not depend on the count (up to 8 threads: the
-    linear kernel computes each output on one thread, decode attention splits the cache for 16
-    parallel units whatever the count). FASTLM_DECODE_THREADS=N fixes N."""
+    with 1). So one step runs with all threads and the next with one, and the faster count runs
+    until the next probe, `period` steps later (doubling, up to 8x, while the answer holds).
+    Results do not depend on the count (up to 8 threads: the linear kernel computes each output on
+    one thread, decode attention splits the cache for 16 parallel units whatever the count).
+    FASTLM_DECODE_THREADS=N fixes N."""
 
     def __init__(self, period: int = 32):
         self.saved = torch.get_num_threads()
         fixed = os.environ.get("FASTLM_DECODE_THREADS")
         self.fixed = int(fixed) if fixed else None
+        self.base = period
         self.period, self.n, self.t_all, self.choice = period, 0, 0.0, self.saved
         self.t0 = 0.0
 
@@ -133,7 +135,12 @@ class _CpuThreads:
         if phase == 0:
             self.t_all = dt
         elif phase == 1:
-            self.choice = self.saved if self.t_all <= dt else 1
+            choice = self.saved if self.t_all <= dt else 1
+            # the probe of the losing count costs a step: probe less often while the answer holds
+            if self.n > 1:
+                self.period = min(8 * self.base, 2 * self.period) if choice == self.choice else self.base
+            self.choice = choice
+            self.n = 1  # the period counts from this probe
         self.n += 1
 
     def restore(self) -> None:
