@@ -392,34 +392,3 @@ def test_available_backends_api():
     assert cpu[-1] == "reference" and "cuda" not in cpu
     assert fastlm.available_backends("linear_gelu", "cpu") == cpu
     assert ("triton" in cpu) == INTERPRET
-
-
-def test_linear_helper():
-    """fastlm.ops.gelu_ffn.linear (the models' projections): == F.linear for row- and column-major weights,
-    leading dims, strided rows, with or without bias; oneDNN only without autograd, gradients otherwise."""
-    import sys
-    linear = sys.modules["fastlm.ops.gelu_ffn"].linear
-    x = torch.randn(2, 7, 2 * 40)[..., :40]
-    w, b = torch.randn(37, 40) / 40 ** 0.5, torch.randn(37)
-    for weight in (w, w.t().contiguous().t()):
-        for bias in (b, None):
-            with torch.inference_mode():
-                y = linear(x, weight, bias)
-            assert y.shape == (2, 7, 37)
-            torch.testing.assert_close(y, F.linear(x.double(), weight.double(), None if bias is None else bias.double())
-                                       .float(), rtol=1e-5, atol=1e-5)
-    # gradients (the oneDNN autograd path on CPU fp32), the stored weight row-major and (in, out) as Conv1D's
-    for stored, view in ((w, lambda t: t), (w.t().contiguous(), lambda t: t.t())):
-        leaves = [t.clone().requires_grad_() for t in (x, stored, b)]
-        y = linear(leaves[0], view(leaves[1]), leaves[2])
-        dy = torch.randn_like(y)
-        y.backward(dy)
-        o64 = [t.detach().double().requires_grad_() for t in (x, stored, b)]
-        F.linear(o64[0], view(o64[1]), o64[2]).backward(dy.double())
-        for mine, ref in zip(leaves, o64):
-            torch.testing.assert_close(mine.grad, ref.grad.float(), rtol=1e-5, atol=1e-4)
-        assert leaves[1].grad.stride() == stored.stride()
-        xl = x.clone().requires_grad_()
-        linear(xl, view(stored), b).sum().backward()           # an expanded (stride-0) gradient
-        torch.testing.assert_close(xl.grad, view(stored).sum(0).expand(2, 7, 40))
-    assert linear(x.double(), w.double(), b.double()).dtype == torch.float64

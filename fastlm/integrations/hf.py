@@ -17,7 +17,7 @@ How it works (everything is driven by the table `_RULES` below, nothing is writt
   Exact type matches only: a user subclass with its own forward is left alone (and reported).
 
 Projections: GPT-2's Conv1D modules and BERT's output denses run, on the CPU in fp32, on oneDNN's
-GEMMs (`fastlm.ops.gelu_ffn.linear`, forward and backward: ~2x the MKL sgemm behind torch.addmm /
+GEMMs (`fastlm.ops.linear.dense_linear`, forward and backward: ~2x the MKL sgemm behind torch.addmm /
 F.linear on the 2-core CI machine); elsewhere they are the original ops.
 
 Numerics: the fastlm forwards compute the same math as the modules they replace (GPT-2's "gelu_new"
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fastlm import ops
-from fastlm.ops.gelu_ffn import linear as _linear    # F.linear; oneDNN's GEMMs on CPU fp32
+from fastlm.ops.linear import dense_linear as _linear    # F.linear; oneDNN's GEMMs on CPU fp32
 
 logger = logging.getLogger("fastlm.patch")
 

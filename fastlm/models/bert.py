@@ -7,7 +7,7 @@ Same outputs as transformers' `BertModel` (encoder-only, absolute positions). Pe
 projection (the three HF weights concatenated once, at load), `ops.scaled_dot_product_attention` with
 the padding mask as a boolean key mask (no mask at all when nothing is padded), the output projection,
 `ops.add_layer_norm` (residual add fused), `ops.gelu_ffn` (fc1 + GELU + fc2), `ops.add_layer_norm`.
-The projections (QKV, output, pooler) go through `fastlm.ops.gelu_ffn.linear`: oneDNN's GEMM on the
+The projections (QKV, output, pooler) go through `fastlm.ops.linear.dense_linear`: oneDNN's GEMM on the
 CPU in fp32 (~2x the MKL sgemm behind F.linear on the 2-core CI machine), F.linear elsewhere.
 `forward` runs under `torch.inference_mode()`: this model is for inference (patch a `BertModel` with
 `fastlm.patch` to train).
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastlm import ops
 from fastlm.nn import LayerNorm
-from fastlm.ops.gelu_ffn import linear   # F.linear; oneDNN's GEMM on CPU fp32
+from fastlm.ops.linear import dense_linear as linear   # F.linear; oneDNN's GEMM on CPU fp32
 
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh"}
 

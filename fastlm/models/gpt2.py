@@ -19,7 +19,7 @@ from fastlm import backends, ops
 from fastlm.ops.decode import decode_attention_unchecked
 # Many-row projections (prefill): the GEMM gelu_ffn's CPU path uses (oneDNN; measured here, interleaved,
 # 512x768->2304 4.2 ms vs 9.2 ms for ops.linear's BLAS), == F.linear elsewhere.
-from fastlm.ops.gelu_ffn import linear as _dense_linear
+from fastlm.ops.linear import dense_linear as _dense_linear
 from fastlm.nn import LayerNorm, StaticKVCache
 
 

@@ -35,3 +35,9 @@ def rows(t: Tensor, n: int) -> Tensor:
     if n > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
     return t2
+
+
+def column_major(w: Tensor) -> bool:
+    """A 2-D weight stored transposed: its .t() is contiguous, itself is not (GPT-2's Conv1D weight,
+    stored (in, out), seen as (out, in) through a .t() view)."""
+    return not w.is_contiguous() and w.t().is_contiguous()

@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 
 from fastlm import backends
-from fastlm.ops import _checks, reference
+from fastlm.ops import _checks
+from fastlm.ops import reference
+from fastlm.ops._checks import column_major as _column_major
 
 OP_LINEAR_GELU, OP_GELU_FFN = "linear_gelu", "gelu_ffn"
 APPROXIMATE = ("none", "tanh")
@@ -84,12 +86,6 @@ def linear_gelu_bwd(dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approxim
 @linear_gelu_bwd.register_fake
 def _(dy, x, weight, pre, approximate, has_bias):
     return x.new_empty(x.shape), _empty_in_layout_of(weight), x.new_empty((weight.shape[0] if has_bias else 0,))
-
-
-def _column_major(w: Tensor) -> bool:
-    """A 2-D weight stored transposed: its .t() is contiguous, itself is not (GPT-2's Conv1D weight,
-    stored (in, out), seen as (out, in) through a .t() view)."""
-    return not w.is_contiguous() and w.t().is_contiguous()
 
 
 def _empty_in_layout_of(w: Tensor) -> Tensor:
@@ -266,65 +262,3 @@ def gelu_ffn(input: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_
     save_pre = _needs_grad(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     out, _ = gelu_ffn_fwd(x, w1, b1, w2, b2, approximate, save_pre)
     return out.view(*input.shape[:-1], w2.shape[0])
-
-
-# ---- the plain projections around the FFN (not a torch.library op: a dispatch helper for the models) ----
-
-_onednn_linear_ok: Optional[bool] = None
-
-
-def _onednn_linear_available() -> bool:
-    global _onednn_linear_ok
-    if _onednn_linear_ok is None:
-        import os
-        _onednn_linear_ok = bool(torch.backends.mkldnn.is_available() and os.environ.get("FASTLM_CPU_ONEDNN", "1") != "0"
-                                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-    return _onednn_linear_ok
-
-
-def _onednn_mm(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
-
-
-class _OnednnLinear(torch.autograd.Function):
-    """F.linear with oneDNN GEMMs forward and backward (dx = dy W, dW = dy^T x in the weight's layout,
-    db = sum of dy's rows)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_mm(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dy = dy.contiguous()             # (an expanded gradient, e.g. of a .sum(), has stride 0)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _onednn_mm(dy, weight.t())
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            dw = _onednn_mm(x2.t(), dy2.t()).t() if _column_major(weight) else _onednn_mm(dy2.t(), x2.t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
-        return dx, dw, db
-
-
-def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """== F.linear(input, weight, bias), weight (out, in) row- or column-major (a Conv1D weight's .t()).
-
-    On the CPU in fp32 it runs oneDNN's matmul (torch's mkldnn linear, the GEMM the gelu_ffn CPU kernel
-    uses), forward and backward: on this project's 2-core AMD EPYC it is ~2x MKL's sgemm, which F.linear
-    uses (768 -> 2304 over 1024 rows: 20 ms vs 44 ms forward; the backward GEMMs likewise). Everything
-    else (other dtypes and devices, CPU autocast, torch.compile, FASTLM_CPU_ONEDNN=0) is F.linear."""
-    if (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.dim() == 2 and input.dim() >= 2 and (bias is None or bias.dtype == torch.float32)
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu") and input.numel() > 0
-            and _onednn_linear_available()):
-        if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _OnednnLinear.apply(input, weight, bias)
-        return _onednn_mm(input, weight, bias)
-    return torch.nn.functional.linear(input, weight, bias)
