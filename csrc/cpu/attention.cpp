@@ -280,11 +280,7 @@ void softmax_step512(float* S, int64_t bq, float* m, float* l, float* O, int64_t
 
 inline bool use_avx512() {
 #if defined(FASTLM_ATTN_AVX512)
-  // FASTLM_CPU_NO_AVX512=1 forces the AVX2 path (tests cover it on AVX-512 machines too).
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                         !(std::getenv("FASTLM_CPU_NO_AVX512") && std::getenv("FASTLM_CPU_NO_AVX512")[0] == '1');
-  return ok;
+  return cpu_use_avx512();
 #else
   return false;
 #endif

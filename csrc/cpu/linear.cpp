@@ -184,8 +184,7 @@ __attribute__((target("avx512f"))) void rows_avx512(const float* w, const float*
 #pragma GCC diagnostic pop
 
 bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && !std::getenv("FASTLM_NO_AVX512");
-  return ok;
+  return cpu_use_avx512();
 }
 #else
 bool has_avx512() { return false; }

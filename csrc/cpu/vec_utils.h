@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -81,6 +82,20 @@ inline float row_sum_sq_dev(const float* x, float c, int64_t n) {
   float s = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, (a0 + a1) + (a2 + a3));
   for (; i < n; ++i) s += (x[i] - c) * (x[i] - c);
   return s;
+}
+
+// Whether the AVX-512 kernels (compiled with target attributes, picked at run time) may run: the CPU
+// has AVX-512 F/DQ/VL/BW and FASTLM_CPU_NO_AVX512=1 is not set (it forces the AVX2 paths, so the
+// tests cover them on AVX-512 machines too).
+inline bool cpu_use_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                         !(std::getenv("FASTLM_CPU_NO_AVX512") && std::getenv("FASTLM_CPU_NO_AVX512")[0] == '1');
+  return ok;
+#else
+  return false;
+#endif
 }
 
 }  // namespace fastlm::cpu
