@@ -23,32 +23,13 @@
 #include <cstdint>
 
 #include "cuda/gelu_ffn.h"
+#include "cuda/vec_io.cuh"
 #include "fastlm_math.h"
 
 namespace fastlm::cuda {
 namespace {
 
 constexpr int kThreadsX = 32, kThreadsY = 8;
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T val[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
-  const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = static_cast<float>(v.val[i]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_vec(T* p, const float (&in)[VEC]) {
-  Vec<T, VEC> v;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) v.val[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<Vec<T, VEC>*>(p) = v;
-}
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreadsX * kThreadsY)
@@ -59,17 +40,17 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
   float b[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) b[i] = 0.f;
-  if (bias != nullptr) load_vec<T, VEC>(bias + col, b);
+  if (bias != nullptr) load_float<T, VEC>(bias + col, b);
   const int64_t row_step = static_cast<int64_t>(gridDim.y) * kThreadsY;
   for (int64_t row = static_cast<int64_t>(blockIdx.y) * kThreadsY + threadIdx.y; row < M; row += row_step) {
     float v[VEC];
-    load_vec<T, VEC>(h + row * ldh + col, v);
+    load_float<T, VEC>(h + row * ldh + col, v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] += b[i];
-    if (pre != nullptr) store_vec<T, VEC>(pre + row * ldp + col, v);
+    if (pre != nullptr) store_float<T, VEC>(pre + row * ldp + col, v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = gelu(v[i], tanh_approx);
-    store_vec<T, VEC>(h + row * ldh + col, v);
+    store_float<T, VEC>(h + row * ldh + col, v);
   }
 }
 
@@ -87,18 +68,18 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
     const int64_t row_step = static_cast<int64_t>(gridDim.y) * kThreadsY;
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * kThreadsY + threadIdx.y; row < M; row += row_step) {
       float dv[VEC], pv[VEC];
-      load_vec<T, VEC>(d + row * ldd + col, dv);
-      load_vec<T, VEC>(pre + row * ldp + col, pv);
+      load_float<T, VEC>(d + row * ldd + col, dv);
+      load_float<T, VEC>(pre + row * ldp + col, pv);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         dv[i] *= gelu_grad(pv[i], tanh_approx);
         acc[i] += dv[i];
       }
-      store_vec<T, VEC>(d + row * ldd + col, dv);
+      store_float<T, VEC>(d + row * ldd + col, dv);
       if (act != nullptr) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) pv[i] = gelu(pv[i], tanh_approx);
-        store_vec<T, VEC>(act + row * lda + col, pv);
+        store_float<T, VEC>(act + row * lda + col, pv);
       }
     }
   }

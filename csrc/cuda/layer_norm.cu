@@ -19,6 +19,7 @@
 #include <c10/util/Half.h>
 
 #include "cuda/layer_norm.h"
+#include "cuda/vec_io.cuh"
 #include "fastlm_math.h"
 
 namespace fastlm::cuda {
@@ -27,26 +28,6 @@ namespace {
 // The most threads a block of a kernel holding `elems` fp32 values per thread may have: the register
 // file (64K per SM) must hold the block. Used in __launch_bounds__ and by the launch configuration.
 constexpr int max_threads_for(int elems) { return elems <= 8 ? 1024 : elems <= 16 ? 512 : 256; }
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T val[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load_float(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = static_cast<float>(pk.val[i]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_float(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) pk.val[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
