@@ -59,6 +59,9 @@ def _worker(rank, init_file, out_path):
         loss.backward()                                 # DDP all-reduces (averages) the gradients
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, out_path)
+        # Tear down together: a rank that destroys its gloo group while its peer still has the
+        # connection open can abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
