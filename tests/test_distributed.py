@@ -2,6 +2,7 @@
 process on the whole batch (and the same as the unpatched model)."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -62,14 +63,22 @@ def _worker(rank, init_file, out_path):
         # Tear down together: a rank that destroys its gloo group while its peer still has the
         # connection open can abort ("terminate called without an active exception").
         dist.barrier()
+        open(f"{out_path}.rank{rank}.done", "w").close()
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
     out_path = str(tmp_path / "grads.pt")
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), out_path), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=(str(tmp_path / "init"), out_path), nprocs=WORLD, join=True,
+                           start_method="spawn")
+    except mp.ProcessExitedException as e:
+        # Every rank got past the backward, the all-reduce and the barrier: the crash is gloo tearing
+        # its group down at process exit (rare, seen once in CI), not the computation under test.
+        if not all(os.path.exists(f"{out_path}.rank{r}.done") for r in range(WORLD)):
+            raise
+        print(f"a worker crashed after finishing its work (gloo teardown): {e}")
     ddp_grads = torch.load(out_path)
 
     model = _model()
