@@ -19,6 +19,21 @@ def case_params(suite: str, family: str):
     return [pytest.param(c, id=c.name.replace(" ", "-")) for c in registry.cases(suite, device) if c.family == family]
 
 
+def time_callable(benchmark, fn, device: torch.device, pedantic: bool = False) -> None:
+    """Time fn with pytest-benchmark: CUDA work is synchronized inside the timed call; pedantic=True
+    uses a fixed small number of rounds (long end-to-end cases)."""
+    if device.type == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        timed = fn
+    if pedantic:
+        benchmark.pedantic(timed, rounds=10 if device.type == "cuda" else 3, warmup_rounds=2 if device.type == "cuda" else 1)
+    else:
+        benchmark(timed)
+
+
 _bound_cache: dict = {}
 
 
@@ -32,12 +47,5 @@ def run_case(benchmark, request, case):
         errors = bound.check()
         benchmark.extra_info["max_err"] = errors
     label = next(iter(k for k in bound.impls if k.startswith("fastlm:")), bound.baseline)
-    fn = bound.impls[label]
-    if device.type == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-        benchmark(timed)
-    else:
-        benchmark(fn)
+    time_callable(benchmark, bound.impls[label], device)
     benchmark.extra_info["impl"] = label

@@ -5,7 +5,7 @@ pytest benchmarks/test_generate.py --benchmark-only -k "generate-b1"."""
 import pytest
 import torch
 
-from bench_utils import device_and_dtype
+from bench_utils import device_and_dtype, time_callable
 from fastlm.bench import registry
 
 
@@ -23,11 +23,4 @@ def test_generate(benchmark, request, case):
     if bound.check is not None:
         benchmark.extra_info["errors"] = bound.check()
     label = "fastlm" if "fastlm" in bound.impls else next(k for k in bound.impls if k.startswith("fastlm:"))
-    fn = bound.impls[label]
-    if device.type == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-        benchmark.pedantic(timed, rounds=10, warmup_rounds=2)
-    else:
-        benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    time_callable(benchmark, bound.impls[label], device, pedantic=True)

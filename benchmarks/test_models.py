@@ -4,7 +4,7 @@ pytest benchmarks/test_models.py --benchmark-only -k "bert-inference-8x128"."""
 import pytest
 import torch
 
-from bench_utils import device_and_dtype
+from bench_utils import device_and_dtype, time_callable
 from fastlm.bench import registry
 
 LABELS = ("hf eager", "hf sdpa", "patched", "native", "patched (reference ops)", "native (reference ops)")
@@ -30,11 +30,4 @@ def test_models(benchmark, request, case, label):
     if label not in bound.impls:
         pytest.skip(f"{label} is not a contender of {case.name}")
     benchmark.extra_info["max_err_vs_hf_eager"] = _current["errors"].get(label, 0.0)
-    fn = bound.impls[label]
-    if device.type == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-        benchmark.pedantic(timed, rounds=10, warmup_rounds=2)
-    else:
-        benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    time_callable(benchmark, bound.impls[label], device, pedantic=True)
