@@ -76,7 +76,7 @@ def _attn_fwd_kernel(
     scale,                                       # softmax scale (fp32)
     seed_lo, seed_hi, rng_offset, threshold, inv_keep,  # dropout (uint32 words as ints, 24-bit threshold, 1/(1-p))
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -115,7 +115,7 @@ def _attn_fwd_kernel(
                          mask=n_ok[None, :] & (offs_d < D)[:, None], other=0.0)
             if UPCAST:
                 kt = kt.to(tl.float32)
-            s = tl.dot(q, kt) * qk_scale  # log2 domain
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # log2 domain
             if HAS_MASK:
                 am = tl.load(m_base + offs_m[:, None].to(tl.int64) * smq + offs_n[None, :].to(tl.int64) * smk,
                              mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
@@ -136,9 +136,9 @@ def _attn_fwd_kernel(
             vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_dv[None, :],
                          mask=n_ok[:, None] & (offs_dv < Dv)[None, :], other=0.0)
             if UPCAST:
-                acc += tl.dot(p, vt.to(tl.float32))
+                acc += tl.dot(p, vt.to(tl.float32), input_precision=DOT_PREC)
             else:
-                acc += tl.dot(p.to(vt.dtype), vt)
+                acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
             m_i = m_new
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -158,7 +158,7 @@ def _attn_bwd_dkdv_kernel(
     scale,
     seed_lo, seed_hi, rng_offset, threshold, inv_keep,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -204,7 +204,7 @@ def _attn_bwd_dkdv_kernel(
                 do = do.to(tl.float32)
             lse = tl.load(Lse + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("-inf"))
             delta = tl.load(Delta + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0)
-            st = tl.dot(k, qt) * qk_scale                                             # [BLOCK_N, BLOCK_M], log2 domain
+            st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M], log2 domain
             if HAS_MASK:
                 am = tl.load(m_base + offs_m[None, :].to(tl.int64) * smq + offs_n[:, None].to(tl.int64) * smk,
                              mask=m_ok[None, :] & n_ok[:, None], other=0.0).to(tl.float32)
@@ -215,9 +215,9 @@ def _attn_bwd_dkdv_kernel(
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
             pt = tl.where(valid, tl.math.exp2(st - lse2[None, :]), 0.0)
             if UPCAST:
-                dpt = tl.dot(v, tl.trans(do))                                         # [BLOCK_N, BLOCK_M]
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
             else:
-                dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(tl.float32)
             if DROPOUT:
                 keep = _dropout_keep(offs_m[None, :], offs_n[:, None], bh, seed_lo, seed_hi, rng_offset, threshold)
                 pdt = tl.where(keep, pt * inv_keep, 0.0)
@@ -226,11 +226,11 @@ def _attn_bwd_dkdv_kernel(
                 pdt = pt
             dst = pt * (dpt - delta[None, :])
             if UPCAST:
-                dv += tl.dot(pdt, do)
-                dk += tl.dot(dst, tl.trans(qt))
+                dv += tl.dot(pdt, do, input_precision=DOT_PREC)
+                dk += tl.dot(dst, tl.trans(qt), input_precision=DOT_PREC)
             else:
-                dv += tl.dot(pdt.to(do.dtype), do)
-                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+                dv += tl.dot(pdt.to(do.dtype), do, input_precision=DOT_PREC)
+                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
     dk = dk * scale
     out_k = DK + bhk.to(tl.int64) * Sk * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     out_v = DV + bhk.to(tl.int64) * Sk * Dv + offs_n[:, None].to(tl.int64) * Dv + offs_dv[None, :]
@@ -248,7 +248,7 @@ def _attn_bwd_dq_kernel(
     scale,
     seed_lo, seed_hi, rng_offset, threshold, inv_keep,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -294,7 +294,7 @@ def _attn_bwd_dq_kernel(
             if UPCAST:
                 k = k.to(tl.float32)
                 vt = vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             if HAS_MASK:
                 am = tl.load(m_base + offs_m[:, None].to(tl.int64) * smq + offs_n[None, :].to(tl.int64) * smk,
                              mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
@@ -303,15 +303,15 @@ def _attn_bwd_dq_kernel(
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, vt).to(tl.float32)
+            dp = tl.dot(do, vt, input_precision=DOT_PREC).to(tl.float32)
             if DROPOUT:
                 keep = _dropout_keep(offs_m[:, None], offs_n[None, :], bh, seed_lo, seed_hi, rng_offset, threshold)
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             ds = p * (dp - delta[:, None])
             if UPCAST:
-                dq += tl.dot(ds, k)
+                dq += tl.dot(ds, k, input_precision=DOT_PREC)
             else:
-                dq += tl.dot(ds.to(k.dtype), k)
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dq = dq * scale
     tl.store(DQ + bh.to(tl.int64) * Sq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d < D)[None, :])
@@ -337,6 +337,12 @@ def _mask_args(mask, like):
     return mask, (smb, smh, smq, smk), True, smq == 0
 
 
+def _dot_precision(q) -> str:
+    """fp32 inputs get IEEE fp32 dots (Triton's default for fp32 on a GPU is TF32: ~1e-3 error, 5000x
+    torch's fp32 SDPA); fp16/bf16 operands ignore it."""
+    return "ieee" if q.dtype == torch.float32 or INTERPRET else "tf32"
+
+
 def _blocks(D: int, Dv: int):
     return max(16, next_pow2(D)), max(16, next_pow2(Dv))
 
@@ -358,7 +364,7 @@ def attention_fwd(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         smb, smh, smq, smk, H, Sq, Sk, D, Dv, H // Hkv, float(scale), *drop,
         IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, KEY_PAD=key_pad, DROPOUT=has_drop, UPCAST=INTERPRET,
-        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        DOT_PREC=_dot_precision(q), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
     )
     return out, lse
 
@@ -382,7 +388,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale: float, is_causal: bool, 
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     flags = dict(IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, KEY_PAD=key_pad, DROPOUT=has_drop, UPCAST=INTERPRET,
-                 BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+                 DOT_PREC=_dot_precision(q), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     grid_kv = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_kv](q, k, v, m, dout, lse, delta, dk, dv, *strides, smb, smh, smq, smk,
                                    H, Hkv, Sq, Sk, D, Dv, H // Hkv, float(scale), *drop, **flags)

