@@ -54,7 +54,7 @@ if has test; then
   par=""; "$PY" -c 'import xdist, pytest_timeout' 2>/dev/null && par="-n ${TEST_WORKERS:-8} --timeout 240"
   FASTLM_REQUIRE_ALL=1 FASTLM_TEST_FULL=1 timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfEs tests --junitxml="$OUT/tests.xml" \
     --deselect tests/test_build.py::test_optional_dependencies_are_installed \
-    $par ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
+    $par ${TEST_SELECT:+-k "$TEST_SELECT"} ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
   rc=$?; status=$(( status | rc ))
   tail -40 "$OUT/tests.log"
   echo "pytest exit code $rc"
@@ -63,14 +63,18 @@ fi
 if has bench; then
   echo "== benchmarks"
   rm -rf "$OUT/bench"
-  for suite in ${BENCH_SUITES:-kernels models generate}; do
+  # Each suite (or, with BENCH_FILTERS, each "suite:filter") runs with its own timeout into its own folder,
+  # so one slow family cannot lose the others' results. FASTLM_BENCH_COMPILE=0 skips torch.compile.
+  for item in ${BENCH_FILTERS:-${BENCH_SUITES:-kernels models generate}}; do
+    suite="${item%%:*}"; filter=""; [ "$item" != "$suite" ] && filter="${item#*:}"
+    tag="${suite}${filter:+-$filter}"
     timeout "${BENCH_TIMEOUT:-300}" "$PY" -m fastlm.cli bench --suite "$suite" --device cuda ${BENCH_ARGS:-} \
-      --out "$OUT/bench" 2>&1 | tee "$OUT/bench_$suite.log" | tail -40
+      ${filter:+--filter "$filter"} --out "$OUT/bench/$tag" 2>&1 | tee "$OUT/bench_$tag.log" | tail -40
   done
   "$PY" - "$OUT" <<'PYEOF'
 import glob, json, os, sys
 out = sys.argv[1]
-runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "bench", "*.json")))]
+runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "bench", "**", "*.json"), recursive=True))]
 if not runs:
     sys.exit("no benchmark results")
 from fastlm.bench.report import to_markdown

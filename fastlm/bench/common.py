@@ -2,6 +2,8 @@
 parity against the fp64 reference."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 import fastlm
@@ -19,7 +21,10 @@ def max_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
 
 
 def compile_or_none(fn):
-    """torch.compile(fn), or None where inductor cannot run here (reported as a missing contender)."""
+    """torch.compile(fn), or None where inductor cannot run here (reported as a missing contender) or
+    FASTLM_BENCH_COMPILE=0 (inductor's compile costs ~10-30 s a case: skipped when device time is short)."""
+    if os.environ.get("FASTLM_BENCH_COMPILE", "1") == "0":
+        return None
     try:
         return torch.compile(fn, dynamic=False)
     except Exception:  # noqa: BLE001
