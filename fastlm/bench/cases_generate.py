@@ -27,6 +27,7 @@ from fastlm import ops
 from fastlm.bench.common import bench_backends, max_err
 from fastlm.bench.registry import Bound, Case, register
 from fastlm.ops import reference
+from fastlm.ops.decode import decode_attention_unchecked
 
 _SIZES = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12), "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16)}
 _models: dict = {}
@@ -153,6 +154,9 @@ def _make_decode_attention(B, H, Hkv, S, D):
         backends = bench_backends("decode_attention", device)
         for be in backends:
             impls[f"fastlm:{be}"] = functools.partial(_with_backend, be, lambda: ops.decode_attention(q, k, v, lens))
+            # what fastlm.generate calls: no argument checks, no host read of the lengths (a device sync)
+            impls[f"fastlm:{be} (unchecked)"] = functools.partial(
+                _with_backend, be, lambda: decode_attention_unchecked(q, k, v, lens, scale))
 
         def check():
             oracle = reference.decode_attention_fwd_ref(q.double(), k.double(), v.double(), lens, scale)
