@@ -15,6 +15,7 @@ flops ~ 2 x (non-embedding params + LM head) x tokens + attention (x3 for fwd+bw
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import torch
@@ -51,6 +52,21 @@ def _forced(fn, backend: str):
     return run
 
 
+class _Models:
+    """The contenders' models, built on first use; keep_all=False keeps only the last one used alive."""
+
+    def __init__(self, builders: dict, keep_all: bool):
+        self.builders, self.keep_all, self.alive = builders, keep_all, {}
+
+    def get(self, key: str):
+        if key not in self.alive:
+            if not self.keep_all:
+                self.alive.clear()
+                gc.collect()
+            self.alive[key] = self.builders[key]()
+        return self.alive[key]
+
+
 def _make(arch: str, B: int, S: int, train: bool):
     def make(device: torch.device, dtype: torch.dtype) -> Bound:
         import fastlm
@@ -58,36 +74,46 @@ def _make(arch: str, B: int, S: int, train: bool):
 
         cfg = _configs(arch, S)
         cfg._attn_implementation = "eager"
-        torch.manual_seed(0)
         if arch == "gpt2":
             from transformers import GPT2LMHeadModel as Cls
         else:
             from transformers import BertModel as Cls
-        eager = Cls(cfg).to(device=device, dtype=dtype)
-        eager.train(train)
-        sdpa = copy.deepcopy(eager)
-        sdpa.set_attn_implementation("sdpa")
-        patched = copy.deepcopy(eager)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PatchWarning)
-            fastlm.patch(patched)
-        if train:                                        # dropout off: comparable, deterministic steps
-            for m in (eager, sdpa, patched):
+
+        def build_eager():
+            torch.manual_seed(0)                          # every build: the same weights
+            m = Cls(copy.deepcopy(cfg)).to(device=device, dtype=dtype)
+            m.train(train)
+            if train:                                     # dropout off: comparable, deterministic steps
                 for mod in m.modules():
                     if isinstance(mod, torch.nn.Dropout):
                         mod.p = 0.0
+            return m
+
+        def build_sdpa():
+            m = build_eager()
+            m.set_attn_implementation("sdpa")
+            return m
+
+        def build_patched():
+            m = build_eager()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PatchWarning)
+                fastlm.patch(m)
+            return m
+
+        def build_native():
+            native_cls = fastlm.models.Bert if arch == "bert" else fastlm.models.GPT2
+            return native_cls.from_hf(build_eager())
+
+        builders = {"hf eager": build_eager, "hf sdpa": build_sdpa, "patched": build_patched}
+        if not train:
+            builders["native"] = build_native
+        # Small shapes keep every model alive; large ones keep one at a time (built again when its turn
+        # comes): a GPT-2 training step at 8x1024 needs ~15 GB, and four at once went past 24 GB.
+        models = _Models(builders, keep_all=B * S < 4096)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
         mask = torch.ones_like(ids)
-
-        models = {"hf eager": eager, "hf sdpa": sdpa, "patched": patched}
-        native = None
-        if not train:
-            try:
-                native = (fastlm.models.Bert.from_hf(eager) if arch == "bert"
-                          else fastlm.models.GPT2.from_hf(eager))
-            except (AttributeError, NotImplementedError):
-                native = None                            # GPT2 native model not there yet
 
         def out_of(model, is_native=False):
             if is_native:                                # GPT2: prefill into a fresh cache -> last logits
@@ -97,14 +123,16 @@ def _make(arch: str, B: int, S: int, train: bool):
             o = model(ids, attention_mask=mask)
             return o.logits if arch == "gpt2" else o.last_hidden_state
 
-        def infer(model, is_native=False):
+        def infer(key, is_native=False):
             def fn():
+                model = models.get(key)
                 with torch.inference_mode():
                     return out_of(model, is_native)
             return fn
 
-        def step(model):
+        def step(key):
             def fn():
+                model = models.get(key)
                 model.zero_grad(set_to_none=True)
                 if arch == "gpt2":
                     loss = model(ids, attention_mask=mask, labels=ids).loss
@@ -114,9 +142,7 @@ def _make(arch: str, B: int, S: int, train: bool):
                 return loss.detach()
             return fn
 
-        impls = {k: (step(m) if train else infer(m)) for k, m in models.items()}
-        if native is not None:
-            impls["native"] = infer(native, True)
+        impls = {k: (step(k) if train else infer(k, k == "native")) for k in builders}
         # the same fastlm models with every op forced onto its reference backend: separates the
         # integration (patch / native model) from the speed of the op backends "auto" picks
         for k in [k for k in impls if k in ("patched", "native")]:
