@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from fastlm import backends
-from fastlm.ops import _checks, reference
+from fastlm.ops import _checks
+from fastlm.ops._impl import kernel_impl
 
 OP = "scaled_dot_product_attention"
 _CPP_OPS = ("attention_fwd", "attention_bwd")
@@ -50,25 +51,12 @@ def _supports(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p
     return check
 
 
-def _triton():
-    from fastlm.kernels import attention as kernels  # imported on first use only
-    return kernels
-
-
 def _fwd_impl(backend: str):
-    if backend == "reference":
-        return reference.attention_fwd_ref
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastlm_C.attention_fwd
-    return _triton().attention_fwd
+    return kernel_impl(backend, "attention_fwd", "attention")
 
 
 def _bwd_impl(backend: str):
-    if backend == "reference":
-        return reference.attention_bwd_ref
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastlm_C.attention_bwd
-    return _triton().attention_bwd
+    return kernel_impl(backend, "attention_bwd", "attention")
 
 
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks, reference
+from fastlm.ops._impl import kernel_impl
 
 OP = "decode_attention"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,12 +38,7 @@ def _supports(q: Tensor, k: Tensor):
 
 
 def _impl(backend: str):
-    if backend == "reference":
-        return reference.decode_attention_fwd_ref
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastlm_C.decode_attention_fwd
-    from fastlm.kernels import decode as kernels  # imported on first use only
-    return kernels.decode_attention_fwd
+    return kernel_impl(backend, "decode_attention_fwd", "decode")
 
 
 def _run(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
-from fastlm.ops import reference
 from fastlm.ops._checks import column_major as _column_major
+from fastlm.ops._impl import kernel_impl
 
 OP_LINEAR_GELU, OP_GELU_FFN = "linear_gelu", "gelu_ffn"
 APPROXIMATE = ("none", "tanh")
@@ -44,18 +44,9 @@ def _supports(x: Tensor, params: tuple[Optional[Tensor], ...]):
     return check
 
 
-def _triton():
-    from fastlm.kernels import gelu_ffn as kernels  # imported on first use only
-    return kernels
-
-
 def _impl(backend: str, name: str):
     """The function implementing `name` ("linear_gelu_fwd", ...) on `backend`."""
-    if backend == "reference":
-        return getattr(reference, name + "_ref")
-    if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.fastlm_C, name)
-    return getattr(_triton(), name)
+    return kernel_impl(backend, name, "gelu_ffn")
 
 
 # ---- linear_gelu ----

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from fastlm import backends
-from fastlm.ops import _checks, reference
+from fastlm.ops import _checks
+from fastlm.ops._impl import kernel_impl
 
 OP_LAYER_NORM, OP_ADD_LAYER_NORM = "layer_norm", "add_layer_norm"
 _CPP_OPS = ("layer_norm_fwd", "layer_norm_bwd")
@@ -38,25 +39,12 @@ def _supports(x: Tensor, params: tuple[Optional[Tensor], ...]):
     return check
 
 
-def _triton():
-    from fastlm.kernels import layer_norm as kernels  # imported on first use only
-    return kernels
-
-
 def _fwd_impl(backend: str):
-    if backend == "reference":
-        return reference.layer_norm_fwd_ref
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastlm_C.layer_norm_fwd
-    return _triton().layer_norm_fwd
+    return kernel_impl(backend, "layer_norm_fwd", "layer_norm")
 
 
 def _bwd_impl(backend: str):
-    if backend == "reference":
-        return reference.layer_norm_bwd_ref
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastlm_C.layer_norm_bwd
-    return _triton().layer_norm_bwd
+    return kernel_impl(backend, "layer_norm_bwd", "layer_norm")
 
 
 @torch.library.custom_op("fastlm::layer_norm_fwd", mutates_args=())
