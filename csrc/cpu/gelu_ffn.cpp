@@ -35,6 +35,7 @@
 
 #include "common.h"
 #include "cpu/vec_utils.h"
+#include "gelu_ffn_checks.h"
 #include "fastlm_math.h"
 
 // oneDNN's matmul as ATen exports it (what addmm uses for bf16): C = beta * C + alpha * A @ B on
@@ -52,31 +53,6 @@ constexpr const char* kLgFwd = "linear_gelu_fwd";
 constexpr const char* kLgBwd = "linear_gelu_bwd";
 constexpr const char* kFfnFwd = "gelu_ffn_fwd";
 constexpr const char* kFfnBwd = "gelu_ffn_bwd";
-
-bool parse_approximate(std::string_view approximate, const char* op) {
-  FASTLM_CHECK(approximate == "none" || approximate == "tanh", op, "approximate must be 'none' or 'tanh', got '",
-               std::string(approximate), "'");
-  return approximate == "tanh";
-}
-
-// A 2-D weight (rows, cols) of like's dtype and device, row-major (contiguous) or column-major (its
-// transpose contiguous: e.g. GPT-2's Conv1D weight stored (in, out), passed as a .t() view). The GEMMs
-// take either layout as it is (a transposed operand costs nothing), so no copy is ever made.
-void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& like, const char* op,
-                  const char* name) {
-  FASTLM_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, name, " must have shape (", rows, ", ",
-               cols, "), got ", w.sizes());
-  FASTLM_CHECK(w.is_contiguous() || w.t().is_contiguous(), op, name,
-               " must be contiguous or the transpose of a contiguous matrix, got strides ", w.strides());
-  check_same(w, like, op, name);
-}
-
-// The gradient of weight w, allocated in w's layout (row- or column-major), so that autograd
-// accumulates it without a layout-changing copy.
-at::Tensor new_weight_grad(const at::Tensor& w) {
-  if (w.is_contiguous()) return new_output(w.sizes(), w.options());
-  return new_output({w.size(1), w.size(0)}, w.options()).t();
-}
 
 // Why oneDNN for fp32: on this project's CI machine (AMD EPYC, 2 cores) MKL's sgemm (what at::mm and
 // F.linear use for fp32) reaches ~67 GFLOP/s at 2048 x 768 x 3072, oneDNN's matmul ~150 GFLOP/s.

@@ -17,6 +17,7 @@
 
 #include "common.h"
 #include "cuda/gelu_ffn.h"
+#include "gelu_ffn_checks.h"
 
 namespace fastlm::cuda {
 namespace {
@@ -26,31 +27,9 @@ constexpr const char* kLgBwd = "linear_gelu_bwd (cuda)";
 constexpr const char* kFfnFwd = "gelu_ffn_fwd (cuda)";
 constexpr const char* kFfnBwd = "gelu_ffn_bwd (cuda)";
 
-bool parse_approximate(std::string_view approximate, const char* op) {
-  FASTLM_CHECK(approximate == "none" || approximate == "tanh", op, "approximate must be 'none' or 'tanh', got '",
-               std::string(approximate), "'");
-  return approximate == "tanh";
-}
-
 void check_input(const at::Tensor& x, const char* op) {
   check_rows(x, op, "x");
   FASTLM_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got ", x.device());
-}
-
-void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& like, const char* op,
-                  const char* name) {
-  FASTLM_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, op, name, " must have shape (", rows, ", ",
-               cols, "), got ", w.sizes());
-  FASTLM_CHECK(w.is_contiguous() || w.t().is_contiguous(), op, name,
-               " must be contiguous or the transpose of a contiguous matrix, got strides ", w.strides());
-  check_same(w, like, op, name);
-}
-
-// The gradient of weight w in w's layout (row- or column-major: a transposed Conv1D weight), so that
-// autograd accumulates it without a copy.
-at::Tensor new_weight_grad(const at::Tensor& w) {
-  if (w.is_contiguous()) return new_output(w.sizes(), w.options());
-  return new_output({w.size(1), w.size(0)}, w.options()).t();
 }
 
 // c = a @ b into a preallocated row- or column-major c (column-major: c^T = b^T @ a^T, row-major).
