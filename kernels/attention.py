@@ -70,7 +70,8 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     """Measured on an H100 (triton 3.6, 2026-11-22, scripts/gpu_diag_attention.py): the 8-warp,
     BLOCK_M=128 forward configs return wrong values (max error 0.72, or NaN) and can fault when the value
     head dim pads to 32 (D=40, Dv=24); 4-warp configs are right on the same inputs. Until that is
-    understood, head dims that are not a power of two >= 64, or Dv != D, use 4-warp configs only."""
+    understood, the forward keeps 4-warp configs only when the padded value head dim is under 64 or the
+    padded query and value head dims differ (D=40 with Dv=40 pads both to 64 and keeps every config)."""
     bd, bdv = kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64)
     if bdv < 64 or bd != bdv:
         kept = [c for c in configs if c.num_warps <= 4]
