@@ -14,7 +14,7 @@ import fastlm
 from fastlm import ops
 from fastlm.ops import attention as attn_ops
 from fastlm.ops import reference
-from tests.helpers import FULL, INTERPRET, assert_close, backend_params, poison_outputs
+from tests.helpers import FULL, INTERPRET, assert_close, backend_params, poison_outputs, requires_cuda
 
 OP = "scaled_dot_product_attention"
 
@@ -249,6 +249,73 @@ def test_fully_masked_rows_are_zero():
             out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])), backend
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+# (B, H, Hkv, Sq, Sk, D, D, mask kind, causal) for the tensor-core CUDA forward (Dv == D, its scope): head
+# dims padded to 64/128/256 (16, 20, 40 -> 64; 80, 128 -> 128; 256), Sq/Sk off the 64-row and 64/32-key
+# tiles, causal with Sq < Sk and Sq > Sk, masks with fully masked rows, GQA, D % 8 != 0 (element loads).
+MMA_CASES = [
+    (2, 2, 2, 1, 1, 16, 16, None, False),
+    (2, 2, 2, 1, 130, 80, 80, None, True),
+    (2, 2, 2, 130, 1, 40, 40, None, True),
+    (1, 4, 2, 17, 129, 40, 40, "pad", False),
+    (2, 2, 1, 129, 130, 64, 64, None, True),
+    (1, 2, 2, 130, 17, 80, 80, "add2d", False),
+    (2, 4, 2, 130, 129, 128, 128, None, True),
+    (1, 2, 2, 17, 130, 256, 256, "add_bh", False),
+    (1, 2, 1, 129, 129, 256, 256, None, True),
+    (1, 2, 2, 129, 17, 16, 16, "bool", False),
+    (3, 4, 2, 70, 300, 64, 64, "padblk_add", False),
+    (3, 2, 2, 129, 200, 128, 128, "padblk", False),
+    (1, 2, 2, 17, 17, 20, 20, "bool", False),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_mma_forward(monkeypatch, dtype):
+    """The tensor-core CUDA forward (csrc/cuda/attention_mma.cu), on with FASTLM_CUDA_ATTENTION_MMA=1: forward
+    and backward parity (the backward is the simple kernel's, fed this forward's out and lse), lse equal to the
+    simple kernel's (-inf on the same rows), a custom scale, strided (B, S, H, D) inputs, and a check that the
+    kernel really ran (its output is not bit-identical to the simple kernel's)."""
+    if "cuda" not in fastlm.available_backends(OP, "cuda"):
+        pytest.skip("fastlm._C has no CUDA attention kernels")
+    monkeypatch.setenv("FASTLM_CUDA_ATTENTION_MMA", "1")
+    for case in MMA_CASES:
+        _check_parity("cuda", "cuda", dtype, case)
+    _check_parity("cuda", "cuda", dtype, (2, 3, 3, 67, 70, 64, 64, None, False), scale=0.37)
+
+    # lse: the raw C++ op with the tensor-core kernel vs the simple one (both fp32 from the same inputs).
+    B, H, Hkv, Sq, Sk, D = 3, 4, 2, 70, 300, 64
+    q, k, v, _ = _inputs(B, H, Hkv, Sq, Sk, D, D, dtype, "cuda")
+    mask = _make_mask("padblk_add", B, H, Sq, Sk, dtype, "cuda").expand(B, H, Sq, Sk)
+    k2, v2 = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    for kw in (dict(mask=mask, causal=False), dict(mask=None, causal=True)):
+        args = (kw["mask"], 1 / math.sqrt(D), kw["causal"], 0.0, None)
+        out_mma, lse_mma = torch.ops.fastlm_C.attention_fwd(q, k, v, *args)
+        monkeypatch.setenv("FASTLM_CUDA_ATTENTION_MMA", "0")
+        out_simple, lse_simple = torch.ops.fastlm_C.attention_fwd(q, k, v, *args)
+        monkeypatch.setenv("FASTLM_CUDA_ATTENTION_MMA", "1")
+        assert not torch.equal(out_mma, out_simple), "the tensor-core kernel did not run (bit-identical output)"
+        assert torch.equal(torch.isinf(lse_mma), torch.isinf(lse_simple)), "rows with lse = -inf differ"
+        finite = torch.isfinite(lse_simple)
+        torch.testing.assert_close(lse_mma[finite], lse_simple[finite], atol=1e-3, rtol=1e-4)
+        ref = F.scaled_dot_product_attention(q.double(), k2.double(), v2.double(), attn_mask=(
+            None if kw["mask"] is None else kw["mask"].double()), is_causal=kw["causal"]).nan_to_num(0.0)
+        base = F.scaled_dot_product_attention(q, k2, v2, attn_mask=kw["mask"], is_causal=kw["causal"]).nan_to_num(0.0)
+        assert_close(f"mma raw {dtype} {kw['causal']}", out_mma, ref, base, atol=hf_atol(dtype))
+
+    # (B, S, H, D) storage viewed as (B, H, S, D): strided heads (16-byte chunks for D = 64; element loads
+    # for D = 20, whose rows are not 16-byte aligned).
+    for D in (64, 20):
+        g = torch.Generator().manual_seed(3)
+        qkv = torch.randn(2, 67, 3, 3, D, generator=g).to("cuda", dtype)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        with fastlm.use_backend("cuda"), poison_outputs():
+            out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+        assert_close(f"mma strided D={D}", out, ref, F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                     atol=hf_atol(dtype))
 
 
 # ---------------------------------------------- dropout ----------------------------------------------

@@ -22,6 +22,14 @@ struct AttentionArgs {
 void attention_fwd_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
                           const AttentionArgs& args, const at::Tensor& out, const at::Tensor& lse);
 
+// Tensor-core forward (csrc/cuda/attention_mma.cu; mma.sync + ldmatrix + cp.async, sm80+), same contract
+// as attention_fwd_launch. Returns false, launching nothing, for calls outside its scope (fp32, dropout,
+// Dv != D, pre-sm80 devices); the caller then uses attention_fwd_launch. attention_cuda.cpp uses it only
+// when FASTLM_CUDA_ATTENTION_MMA=1 (read at every call, so a benchmark can toggle it): not yet run on a
+// GPU; scripts/gpu_check.sh runs the CUDA attention tests with it on.
+bool attention_fwd_mma_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
+                              const AttentionArgs& args, const at::Tensor& out, const at::Tensor& lse);
+
 // dout, out like the forward's out (contiguous last dims); delta: (B, H, Sq) fp32 scratch;
 // dq, dk, dv contiguous, shaped like q, k, v (dk, dv summed over each GQA group).
 void attention_bwd_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

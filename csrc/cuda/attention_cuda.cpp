@@ -1,8 +1,14 @@
 // CUDA registrations of the attention ops: input checks, output allocation, launch (kernels in
 // attention.cu). Dropout (seed, offset) is read from the rng CPU tensor on the host (no sync).
+// FASTLM_CUDA_ATTENTION_MMA=1 routes the fp16/bf16 forward to the tensor-core kernel
+// (attention_mma.cu; not yet run on a GPU, so off by default; scripts/gpu_check.sh runs the CUDA
+// attention tests with it on). It is read at every call, so a benchmark can toggle it per contender.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "common.h"
 #include "cuda/attention.h"
@@ -13,6 +19,12 @@ namespace {
 
 constexpr const char* kFwd = "attention_fwd (cuda)";
 constexpr const char* kBwd = "attention_bwd (cuda)";
+
+// getenv is a few string compares: cheap next to a kernel launch.
+bool mma_enabled() {
+  const char* e = std::getenv("FASTLM_CUDA_ATTENTION_MMA");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
 
 void check_4d(const at::Tensor& t, const char* op, const char* name) {
   FASTLM_CHECK(t.dim() == 4, op, name, " must be 4-D (B, H, S, D), got ", t.dim(), "-D");
@@ -72,7 +84,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   c10::cuda::CUDAGuard guard(q.device());
   auto out = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto lse = new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_fwd_launch(q, k, v, opt_ptr(mask), args, out, lse);
+  // The tensor-core kernel declines (returns false) what it does not cover: fp32, dropout, Dv != D.
+  if (!(mma_enabled() && attention_fwd_mma_launch(q, k, v, opt_ptr(mask), args, out, lse))) {
+    attention_fwd_launch(q, k, v, opt_ptr(mask), args, out, lse);
+  }
   return {out, lse};
 }
 

@@ -2,11 +2,14 @@
 fastlm.ops.scaled_dot_product_attention against torch's SDPA with each of its backends forced
 (flash, efficient, cudnn, math; on CPU: its flash CPU kernel and math) and torch.compile(reference),
 in TFLOP/s and % of the measured matmul peak. The baseline is torch's default SDPA.
-FLOPs: forward 4 B H Sq Sk D (halved when causal), backward 2.5x that, forward+backward 3.5x."""
+FLOPs: forward 4 B H Sq Sk D (halved when causal), backward 2.5x that, forward+backward 3.5x.
+On CUDA in fp16/bf16, "fastlm:cuda (mma)" is the CUDA backend with its tensor-core forward turned on
+(FASTLM_CUDA_ATTENTION_MMA=1 around the call; csrc/cuda/attention_mma.cu, off by default)."""
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,33 @@ def _with_backend(backend, fn):
         return fn()
 
 
+def _with_mma(fn):
+    """fn() with the CUDA backend's tensor-core attention forward on (the extension reads the variable at
+    every call)."""
+    old = os.environ.get("FASTLM_CUDA_ATTENTION_MMA")
+    os.environ["FASTLM_CUDA_ATTENTION_MMA"] = "1"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop("FASTLM_CUDA_ATTENTION_MMA", None)
+        else:
+            os.environ["FASTLM_CUDA_ATTENTION_MMA"] = old
+
+
+def _backend_of(label: str) -> str:
+    """'fastlm:cuda (mma)' -> 'cuda'; torch contenders -> 'auto'."""
+    return label.split(":", 1)[1].split(" ")[0] if label.startswith("fastlm:") else "auto"
+
+
+def _add_fastlm(contenders: dict, device, dtype, call) -> None:
+    """One contender per fastlm backend, plus the CUDA backend with its tensor-core forward (fp16/bf16)."""
+    for be in bench_backends(OP, device):
+        contenders[f"fastlm:{be}"] = functools.partial(_with_backend, be, call)
+        if be == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            contenders["fastlm:cuda (mma)"] = functools.partial(_with_mma, functools.partial(_with_backend, be, call))
+
+
 def _make(B, H, S, D, causal, mode, device, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
     grad = mode != "fwd"
@@ -55,14 +85,11 @@ def _make(B, H, S, D, causal, mode, device, dtype):
     compiled = compile_or_none(_ref)
     if compiled is not None:
         contenders["torch.compile(reference)"] = lambda: compiled(q, k, v, causal)
-    backends = bench_backends(OP, device)
-    for be in backends:
-        contenders[f"fastlm:{be}"] = functools.partial(
-            _with_backend, be, lambda: ops.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    _add_fastlm(contenders, device, dtype, lambda: ops.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
     impls = {}
     for label, fwd in contenders.items():
-        be = label.split(":", 1)[1] if label.startswith("fastlm:") else "auto"
+        be = _backend_of(label)
         if mode == "fwd":
             impls[label] = fwd
         elif mode == "fwd+bwd":
@@ -85,7 +112,7 @@ def _make(B, H, S, D, causal, mode, device, dtype):
         for label, fwd in contenders.items():
             if "compile" in label:
                 continue
-            be = label.split(":", 1)[1] if label.startswith("fastlm:") else "auto"
+            be = _backend_of(label)
             try:
                 errs[label] = max_err(_with_backend(be, fwd), oracle)
             except RuntimeError:
@@ -120,9 +147,7 @@ def _make_key_padding(B, H, S, D, device, dtype):
     lens = torch.tensor([S - (b % 4) * S // 4 for b in range(B)])
     mask = (torch.arange(S)[None, :] < lens[:, None]).view(B, 1, 1, S).to(device)
     contenders = {"torch (sdpa default)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
-    for be in bench_backends(OP, device):
-        contenders[f"fastlm:{be}"] = functools.partial(
-            _with_backend, be, lambda: ops.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    _add_fastlm(contenders, device, dtype, lambda: ops.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
     def check():
         additive = torch.zeros(mask.shape, dtype=torch.float64, device=device).masked_fill(~mask, float("-inf"))
@@ -130,8 +155,7 @@ def _make_key_padding(B, H, S, D, device, dtype):
                                              False)[0]
         errs = {}
         for label, fwd in contenders.items():
-            be = label.split(":", 1)[1] if label.startswith("fastlm:") else "auto"
-            errs[label] = max_err(_with_backend(be, fwd), oracle)
+            errs[label] = max_err(_with_backend(_backend_of(label), fwd), oracle)
         return errs
 
     flops = 4 * H * S * D * float(lens.sum())
