@@ -42,6 +42,10 @@ TORCH_LIBRARY(fastlm_C, m) {
         " -> Tensor");
   // [decode] y = x @ weight^T + bias: x (M, K), weight (N, K), bias (N,). Fast path for few rows.
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // [decode] Greedy pick: argmax_n (x @ weight^T)[m, n] for fp32 x (M <= 16, K), weight (N, K),
+  // screening weight with its int8 copy (qweight, scale, slack from linear_argmax_screen). -> (M,) int64.
+  m.def("linear_argmax_screen(Tensor weight) -> (Tensor qweight, Tensor scale, Tensor slack)");
+  m.def("linear_argmax_fwd(Tensor x, Tensor weight, Tensor qweight, Tensor scale, Tensor slack) -> Tensor");
   // [gelu_ffn] out = gelu(x @ weight^T + bias): x (M, K), weight (N, K), bias (N,)?; approximate
   // "none" (erf) or "tanh". pre = x @ weight^T + bias (M, N) when save_pre, else (0, N).
   m.def("linear_gelu_fwd(Tensor x, Tensor weight, Tensor? bias, str approximate, bool save_pre)"

@@ -239,6 +239,28 @@ def test_cpu_decode_thread_count_changes_no_logit(hf_small, monkeypatch):
     assert outs[0] == outs[1] == outs[2]
 
 
+def test_greedy_decode_step_matches_logits_argmax(hf_small):
+    """decode_step(greedy=True) (CPU fp32: the LM head's int8 screen, ops.linear_argmax) returns each
+    row's argmax of decode_step's logits, step after step; the screen is built once and rebuilt when
+    the head weight changes."""
+    model = GPT2.from_hf(hf_small)
+    B = 5
+    ids = torch.randint(1, hf_small.config.vocab_size, (B, 9))
+    caches = [model.new_cache(B, 20), model.new_cache(B, 20)]
+    tok = model.prefill(ids, caches[0]).argmax(-1)
+    model.prefill(ids, caches[1])
+    for _ in range(8):
+        logits = model.decode_step(tok, caches[0])
+        picked = model.decode_step(tok, caches[1], greedy=True)
+        assert picked.dtype == torch.long and torch.equal(picked, logits.argmax(-1))
+        tok = picked
+    screen = model.head_screen()
+    assert screen is not None and model.head_screen() is screen
+    with torch.no_grad():
+        model.wte.weight.mul_(1.5)
+    assert model.head_screen() is not screen
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_generate_on_cuda_matches_hf_greedy(dtype):

@@ -28,6 +28,7 @@
 
 #include "common.h"
 #include "cpu/decode_parallel.h"
+#include "cpu/linear_tiles.h"
 #include "cpu/vec_utils.h"
 
 namespace fastlm::cpu {
@@ -84,69 +85,6 @@ inline void row_times_rows(const float* w, const float* x, int64_t ldx, int64_t 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// AVX-512 register tile: NR W rows x MR input rows, 16 k per step, MR * NR * U accumulators
-// (<= 24 of the 32 zmm registers); W and x are each loaded once per tile step and reused from
-// registers (the single-W-row kernel above needs one x load per FMA: load bound at 8 rows).
-// Compiled for avx512f by attribute and chosen at run time (has_avx512()).
-template <int MR, int NR, int U>
-__attribute__((target("avx512f"))) inline void tile_avx512(const float* w, int64_t ldw, const float* x,
-                                                          int64_t ldx, int64_t K, float* out /* [MR][NR], += */) {
-  __m512 acc[MR][NR][U];
-#pragma GCC unroll 64
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 * U <= K; k += 16 * U) {
-    __m512 wv[NR][U];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) wv[r][u] = _mm512_loadu_ps(w + r * ldw + k + 16 * u);
-    // Prefetch the next tile's W rows (contiguous after this tile's), a line per row and step: the
-    // DRAM latency hides behind this tile's FMAs (measured 2x at 8 rows; prefetching past the end
-    // of W is harmless).
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + k + 16 * u), _MM_HINT_T0);
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) {
-        const __m512 xv = _mm512_loadu_ps(x + m * ldx + k + 16 * u);
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; ++r) acc[m][r][u] = _mm512_fmadd_ps(wv[r][u], xv, acc[m][r][u]);
-      }
-  }
-  for (; k < K; k += 16) {  // tail: masked
-    const __mmask16 msk = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
-    __m512 wv[NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(msk, w + r * ldw + k);
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(msk, x + m * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) acc[m][r][0] = _mm512_fmadd_ps(wv[r], xv, acc[m][r][0]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      __m512 t = acc[m][r][0];
-#pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][r][u]);
-      out[m * NR + r] += _mm512_reduce_add_ps(t);
-    }
-}
-
-// Rows [n0, n1) of y for all M rows (fp32): tiles of NR W rows; for each, the input rows in blocks
-// of 8/4/2/1 (the W tile, a few KB, stays in L1 across the row blocks).
 // Rows [n0, n1) of y for all M (<= 16) rows (fp32): tiles of NR W rows; for each, K in blocks of
 // kKBlock (the input rows' block stays in L1: 8 rows x 3072 floats would not) and, per block, the
 // input rows in blocks of 8/4/2/1 (the W tile's block stays in L1 across them).

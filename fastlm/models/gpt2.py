@@ -251,10 +251,28 @@ class GPT2(torch.nn.Module):
 
         return ops.linear, ln, att
 
+    def head_screen(self) -> "ops.LinearArgmaxScreen | None":
+        """The int8 screen of the LM head (built on first use, ~N*K bytes; rebuilt when the head weight
+        changes) for greedy decode steps on CPU in fp32; None where it does not apply."""
+        w = self.head_weight
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            return None
+        screen = self.__dict__.get("_head_screen")
+        if screen is None or not screen.matches(w):
+            try:
+                screen = ops.LinearArgmaxScreen.build(w)
+            except backends.BackendUnavailableError:
+                return None
+            self.__dict__["_head_screen"] = screen   # not a buffer: stays out of state_dict
+        return screen
+
     @torch.no_grad()
-    def decode_step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
+    def decode_step(self, tokens: Tensor, cache: StaticKVCache, greedy: bool = False) -> Tensor:
         """tokens (B,) long, one new token per row, at position cache.lengths[b] of its row. Appends
-        to the cache, advances it, and returns the logits (B, V). No host sync (CUDA-graph safe)."""
+        to the cache, advances it, and returns the logits (B, V), or with greedy=True the argmax token
+        of each row (B,) int64 (on CPU in fp32: ops.linear_argmax over the head's int8 screen, the
+        same tokens as the logits' argmax without reading the head in fp32). No host sync
+        (CUDA-graph safe)."""
         c = self.config
         B = tokens.shape[0]
         H, D = c.n_head, c.head_dim
@@ -280,6 +298,11 @@ class GPT2(torch.nn.Module):
             nxt = self.blocks[layer + 1].ln_1 if layer + 1 < nb else self.ln_f
             x, h = ln(m, h, nxt.weight, nxt.bias, nxt.eps)
         cache.advance()
+        if greedy:
+            screen = self.head_screen() if B <= 16 else None
+            if screen is not None:
+                return ops.linear_argmax(x, self.head_weight, screen)
+            return lin(x, self.head_weight, None).argmax(-1)
         return lin(x, self.head_weight, None)
 
     @torch.no_grad()

@@ -96,6 +96,13 @@ def linear_fwd_ref(x: Tensor, weight: Tensor, bias: Tensor | None, upcast: bool 
     return out.to(x.dtype)
 
 
+def linear_argmax_fwd_ref(x: Tensor, weight: Tensor, upcast: bool = False) -> Tensor:
+    """argmax over the N output features of x @ weight.T: x (M, K), weight (N, K) -> (M,) int64 (the
+    first largest, a NaN counting as the largest, as torch.argmax). upcast=True: in fp64."""
+    ct = torch.float64 if upcast else x.dtype
+    return (x.to(ct) @ weight.to(ct).t()).argmax(-1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Scaled dot-product attention (flash attention, issue 3)
 # --------------------------------------------------------------------------------------------------

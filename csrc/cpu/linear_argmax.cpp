@@ -1,0 +1,319 @@
+// argmax_n (x @ W^T)[m, n] on the CPU for a few fp32 rows x, reading most of W as int8: the greedy
+// pick of a decode step, whose LM head (50257 x 768 for GPT-2) is ~30% of the weights read per step.
+//
+// Screen (linear_argmax_screen, built once per weight): per W row n, q_n = round(w_n / s_n) in int8
+// with s_n = max|w_n| / 127, and a bound slack_n such that for every x
+//     | l_mn - a_mn | <= ||x_m||_2 * slack_n,
+// where l_mn is the fp32 logit linear_fwd computes for the one row x_m and a_mn = fl(s_n * sum x q)
+// the screened one: slack_n = ||w_n - s_n q_n||_2 (the quantization residual, exact in fp64, by
+// Cauchy-Schwarz) + gamma_{K+2} (||w_n||_2 + ||s_n q_n||_2) (the fp32 rounding of both dot
+// products, gamma_k = k u / (1 - k u), u = 2^-24), padded by 1e-6 relative and rounded up.
+//
+// Argmax (linear_argmax_fwd): one pass over the int8 rows computes a (threads split the rows, NR=4
+// row tiles against the input rows in blocks of 4/2/1, the next tile prefetched) and, per row m,
+// T_m = max_n (a_mn - e_mn), e_mn = ||x_m|| slack_n. Every n with a_mn + e_mn < T_m has
+// l_mn < l_m(argmax of the lower bound): it cannot be the argmax. The survivors ("candidates",
+// collected in the same pass against the running threshold, then filtered by the final one) are
+// recomputed exactly with linear_fwd's one-row arithmetic (tile_avx512<1, 1, 2> over the whole K) and
+// the first largest wins (a NaN logit counts as the largest, as torch.argmax). So the result is
+// bit-for-bit argmax(ops.linear(x[m:m+1], W)), reading 1 byte per weight instead of 4 plus a few
+// rows. A row x_m with a non-finite value, or with more than max(N / 16, 256) candidates, takes
+// the exact full product; machines without AVX-512 run linear_fwd on each row and take its argmax.
+#include <ATen/Parallel.h>
+#include <ATen/ops/argmax.h>
+#include <ATen/ops/empty.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "cpu/decode_parallel.h"
+#include "cpu/linear_tiles.h"
+#include "cpu/vec_utils.h"
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr const char* kScreen = "linear_argmax_screen";
+constexpr const char* kOp = "linear_argmax_fwd";
+constexpr int64_t kMaxRows = 16;
+constexpr int kNR = 4;  // int8 W rows per register tile
+
+double gamma_k(int64_t k) {
+  const double ku = static_cast<double>(k) * std::ldexp(1.0, -24);
+  return ku / (1.0 - ku);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_argmax_screen_cpu(const at::Tensor& weight) {
+  check_rows(weight, kScreen, "weight");
+  FASTLM_CHECK(weight.scalar_type() == at::kFloat, kScreen, "weight must be float32, got ", weight.scalar_type());
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  FASTLM_CHECK(K > 0 && K < (int64_t(1) << 22), kScreen, "weight must have 1 to 2^22 input features, got ", K);
+  at::Tensor q = at::empty({N, K}, w.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({N}, w.options());
+  at::Tensor slack = at::empty({N}, w.options());
+  const float* wp = w.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  float* slp = slack.data_ptr<float>();
+  const double g = gamma_k(K + 2);
+  parallel_range(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* wr = wp + n * K;
+      int8_t* qr = qp + n * K;
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        finite = finite && std::isfinite(wr[k]);
+        amax = std::max(amax, std::fabs(wr[k]));
+      }
+      if (!finite) {  // never screened out: always a candidate
+        std::fill(qr, qr + K, int8_t(0));
+        sp[n] = 0.f;
+        slp[n] = std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const float s = amax / 127.f;
+      double r2 = 0.0, w2 = 0.0, q2 = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int qi = s > 0.f ? static_cast<int>(std::clamp(std::nearbyint(wr[k] / s), -127.f, 127.f)) : 0;
+        qr[k] = static_cast<int8_t>(qi);
+        const double sq = static_cast<double>(s) * qi;  // exact in fp64
+        const double r = static_cast<double>(wr[k]) - sq;
+        r2 += r * r;
+        w2 += static_cast<double>(wr[k]) * wr[k];
+        q2 += sq * sq;
+      }
+      const double bound = (std::sqrt(r2) + g * (std::sqrt(w2) + std::sqrt(q2))) * (1.0 + 1e-6);
+      sp[n] = s;
+      slp[n] = std::nextafter(static_cast<float>(bound), std::numeric_limits<float>::infinity());
+    }
+  });
+  return {q, scale, slack};
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// MR input rows x NR int8 W rows (row stride K), 16 k per step: each int8 vector is widened to fp32
+// once and used for MR FMAs; the next tile's rows (NR * K bytes on) are prefetched a line per row
+// every 64 k. out[m * NR + r] = sum_k x[m][k] * q[r][k] (fp32).
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_q8(const int8_t* q, int64_t K, const float* x,
+                                                                          int64_t ldx, float* out) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r)
+      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * K + k))));
+    if ((k & 63) == 0) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (NR + r) * K + k), _MM_HINT_T0);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  if (k < K) {  // tail: masked (no read past the row)
+    const __mmask16 msk = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r)
+      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(msk, q + r * K + k)));
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(msk, x + m * ldx + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+#pragma GCC diagnostic pop
+
+// linear_fwd's logit for one input row and one W row (the arithmetic of its M == 1 AVX-512 path).
+__attribute__((target("avx512f"))) float exact_logit(const float* w, const float* x, int64_t K) {
+  float out = 0.f;
+  tile_avx512<1, 1, 2>(w, K, x, K, K, &out);
+  return out + 0.f;  // linear_fwd adds the (zero) bias
+}
+
+struct Candidate {
+  int64_t m, n;
+  double a;  // the screened logit
+};
+
+struct RowState {
+  double xnorm = 0.0;     // ||x_m||_2, padded up
+  bool screened = true;   // false: the exact full product
+};
+
+// Candidates (m, n) of one chunk of W rows [n0, n1): a_mn + e_mn >= the chunk's running max of
+// a - e (a superset of the final candidates); the chunk's max of a - e per row in lo_max.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_chunk(
+    const int8_t* q, const float* scale, const float* slack, const float* x, int64_t M, int64_t K, int64_t n0,
+    int64_t n1, const std::vector<RowState>& rows, std::vector<double>& lo_max,
+    std::vector<Candidate>& cand) {
+  float out[4 * kNR];
+  auto consider = [&](int64_t m, int64_t n, float acc) {
+    if (!rows[m].screened) return;
+    const double a = static_cast<double>(acc * scale[n]);
+    const double e = rows[m].xnorm * static_cast<double>(slack[n]);
+    if (a - e > lo_max[m]) lo_max[m] = a - e;
+    if (a + e >= lo_max[m]) cand.push_back({m, n, a});
+  };
+  auto tile = [&](auto nr_tag, int64_t n) {
+    constexpr int nr = decltype(nr_tag)::value;
+    const int8_t* qn = q + n * K;
+    int64_t m = 0;
+    for (; M - m >= 4; m += 4) {
+      tile_q8<4, nr>(qn, K, x + m * K, K, out);
+      for (int i = 0; i < 4; ++i)
+        for (int r = 0; r < nr; ++r) consider(m + i, n + r, out[i * nr + r]);
+    }
+    if (M - m >= 2) {
+      tile_q8<2, nr>(qn, K, x + m * K, K, out);
+      for (int i = 0; i < 2; ++i)
+        for (int r = 0; r < nr; ++r) consider(m + i, n + r, out[i * nr + r]);
+      m += 2;
+    }
+    if (M - m == 1) {
+      tile_q8<1, nr>(qn, K, x + m * K, K, out);
+      for (int r = 0; r < nr; ++r) consider(m, n + r, out[r]);
+    }
+  };
+  int64_t n = n0;
+  for (; n + kNR <= n1; n += kNR) tile(std::integral_constant<int, kNR>{}, n);
+  for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
+}
+#endif
+
+// torch.argmax's order: the first NaN, else the first largest.
+inline bool better(float v, int64_t n, float best, int64_t best_n) {
+  if (best_n < 0) return true;
+  if (std::isnan(best)) return false;
+  if (std::isnan(v)) return true;
+  return v > best || (v == best && n < best_n);
+}
+
+at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight,
+                                 const at::Tensor& scale, const at::Tensor& slack) {
+  check_rows(x, kOp, "input");
+  check_rows(weight, kOp, "weight");
+  check_same(weight, x, kOp, "weight");
+  FASTLM_CHECK(x.scalar_type() == at::kFloat, kOp, "input must be float32, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  FASTLM_CHECK(weight.size(1) == K, kOp, "weight has ", weight.size(1), " input features, input has ", K);
+  FASTLM_CHECK(N > 0, kOp, "weight must have at least one row");
+  FASTLM_CHECK(M <= kMaxRows, kOp, "input has ", M, " rows; at most ", kMaxRows, " (use linear + argmax)");
+  FASTLM_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.size(0) == N &&
+                   qweight.size(1) == K && qweight.is_contiguous() && qweight.device() == x.device(),
+               kOp, "qweight must be a contiguous int8 (", N, ", ", K, ") tensor from linear_argmax_screen(weight)");
+  check_vector(scale, N, x, kOp, "scale");
+  check_vector(slack, N, x, kOp, "slack");
+  at::Tensor result = at::empty({M}, x.options().dtype(at::kLong));
+  if (M == 0) return result;
+  int64_t* res = result.data_ptr<int64_t>();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_use_avx512() && K > 0) {
+    const at::Tensor wc = weight.contiguous();
+    const float* wp = wc.data_ptr<float>();
+    std::vector<float> xf(M * K);
+    for (int64_t m = 0; m < M; ++m) row_to_float(x.data_ptr<float>() + m * x.stride(0), xf.data() + m * K, K);
+    std::vector<RowState> rows(M);
+    for (int64_t m = 0; m < M; ++m) {
+      double s2 = 0.0;
+      for (int64_t k = 0; k < K; ++k) s2 += static_cast<double>(xf[m * K + k]) * xf[m * K + k];
+      rows[m].xnorm = std::sqrt(s2) * (1.0 + 1e-12);
+      rows[m].screened = std::isfinite(rows[m].xnorm);
+    }
+    // Pass 1 (parallel over W rows): screened logits, per-chunk thresholds and candidates.
+    std::mutex mu;
+    std::vector<double> lo_max(M, -std::numeric_limits<double>::infinity());
+    std::vector<std::pair<int64_t, std::vector<Candidate>>> chunks;  // (first tile, candidates)
+    const int64_t tiles = (N + kNR - 1) / kNR;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kNR * K, 1));
+    parallel_range(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      std::vector<double> lo(M, -std::numeric_limits<double>::infinity());
+      std::vector<Candidate> cand;
+      screen_chunk(qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), slack.data_ptr<float>(), xf.data(), M, K,
+                   begin * kNR, std::min(N, end * kNR), rows, lo, cand);
+      std::lock_guard<std::mutex> lock(mu);
+      for (int64_t m = 0; m < M; ++m) lo_max[m] = std::max(lo_max[m], lo[m]);
+      chunks.emplace_back(begin, std::move(cand));
+    });
+    std::sort(chunks.begin(), chunks.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    // Final candidates per row, in n order.
+    std::vector<std::vector<int64_t>> per_row(M);
+    const float* slp = slack.data_ptr<float>();
+    const int64_t cap = std::max<int64_t>(N / 16, 256);
+    for (const auto& chunk : chunks)
+      for (const auto& [m, n, a] : chunk.second) {
+        if (!rows[m].screened) continue;
+        if (a + rows[m].xnorm * static_cast<double>(slp[n]) >= lo_max[m]) {
+          per_row[m].push_back(n);
+          if (static_cast<int64_t>(per_row[m].size()) > cap) rows[m].screened = false;
+        }
+      }
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = xf.data() + m * K;
+      float best = 0.f;
+      int64_t best_n = -1;
+      if (rows[m].screened) {
+        for (const int64_t n : per_row[m]) {
+          const float v = exact_logit(wp + n * K, xm, K);
+          if (better(v, n, best, best_n)) best = v, best_n = n;
+        }
+      } else {  // the exact full product (parallel over W rows), then the first largest
+        std::vector<float> logits(N);
+        parallel_range(0, N, std::max<int64_t>(1, (int64_t(1) << 14) / K), [&](int64_t begin, int64_t end) {
+          for (int64_t n = begin; n < end; ++n) logits[n] = exact_logit(wp + n * K, xm, K);
+        });
+        for (int64_t n = 0; n < N; ++n)
+          if (better(logits[n], n, best, best_n)) best = logits[n], best_n = n;
+      }
+      TORCH_CHECK(best_n >= 0, "fastlm: ", kOp, ": internal error: no candidate for row ", m);
+      res[m] = best_n;
+    }
+    return result;
+  }
+#endif
+  // Without AVX-512: linear_fwd's own arithmetic for each row alone (its one-row AVX2 kernel), then
+  // torch's argmax.
+  static const auto linear_fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastlm_C::linear_fwd", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  for (int64_t m = 0; m < M; ++m)
+    res[m] = at::argmax(linear_fwd.call(x.narrow(0, m, 1), weight, std::nullopt)).item<int64_t>();
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
+  m.impl("linear_argmax_screen", &linear_argmax_screen_cpu);
+  m.impl("linear_argmax_fwd", &linear_argmax_fwd_cpu);
+}
+
+}  // namespace fastlm::cpu

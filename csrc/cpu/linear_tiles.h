@@ -1,0 +1,81 @@
+// The AVX-512 register tile of the few-row linear (csrc/cpu/linear.cpp), shared with the screened
+// argmax (csrc/cpu/linear_argmax.cpp), which recomputes candidate logits with exactly the
+// arithmetic linear_fwd uses for one input row (tile_avx512<1, NR, 2> over the whole K: the same
+// value for a W row whatever NR).
+#pragma once
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace fastlm::cpu {
+
+// (GCC 12 warns that _mm512_undefined_ps inside its own reduce intrinsics is uninitialized: noise.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// AVX-512 register tile: NR W rows x MR input rows, 16 k per step, MR * NR * U accumulators
+// (<= 24 of the 32 zmm registers); W and x are each loaded once per tile step and reused from
+// registers (linear.cpp's single-W-row AVX2 kernel needs one x load per FMA: load bound at 8 rows).
+// Compiled for avx512f by attribute; callers check cpu_use_avx512() at run time.
+template <int MR, int NR, int U>
+__attribute__((target("avx512f"))) inline void tile_avx512(const float* w, int64_t ldw, const float* x,
+                                                          int64_t ldx, int64_t K, float* out /* [MR][NR], += */) {
+  __m512 acc[MR][NR][U];
+#pragma GCC unroll 64
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    __m512 wv[NR][U];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) wv[r][u] = _mm512_loadu_ps(w + r * ldw + k + 16 * u);
+    // Prefetch the next tile's W rows (contiguous after this tile's), a line per row and step: the
+    // DRAM latency hides behind this tile's FMAs (measured 2x at 8 rows; prefetching past the end
+    // of W is harmless).
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + k + 16 * u), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const __m512 xv = _mm512_loadu_ps(x + m * ldx + k + 16 * u);
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[m][r][u] = _mm512_fmadd_ps(wv[r][u], xv, acc[m][r][u]);
+      }
+  }
+  for (; k < K; k += 16) {  // tail: masked
+    const __mmask16 msk = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+    __m512 wv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(msk, w + r * ldw + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(msk, x + m * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[m][r][0] = _mm512_fmadd_ps(wv[r], xv, acc[m][r][0]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      __m512 t = acc[m][r][0];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][r][u]);
+      out[m * NR + r] += _mm512_reduce_add_ps(t);
+    }
+}
+
+#pragma GCC diagnostic pop
+
+}  // namespace fastlm::cpu
+#endif

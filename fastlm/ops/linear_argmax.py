@@ -1,0 +1,124 @@
+"""linear_argmax: argmax over the output features of a linear layer without reading most of its weight
+in fp32 -- the greedy pick of a decode step (GPT-2 small's LM head is 50257 x 768, ~30% of the
+weights a step reads).
+
+`LinearArgmaxScreen.build(weight)` makes, once, an int8 copy of the weight with per-row scales and a
+per-row error bound; `linear_argmax(input, weight, screen)` scans the int8 copy, keeps the rows
+whose logit could still be the largest (the bound is rigorous: csrc/cpu/linear_argmax.cpp), and
+recomputes those exactly in fp32. The result equals `ops.linear(x[m:m+1], weight).argmax(-1)` bit
+for bit (AVX-512 CPUs) -- not an approximation. Without a screen, or off the C++ CPU path (CUDA,
+fp16/bf16, more than 16 rows), it is `ops.linear(input, weight).argmax(-1)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastlm import _ext, backends
+from fastlm.ops import _checks
+from fastlm.ops._impl import kernel_impl
+from fastlm.ops.linear import linear
+
+OP = "linear_argmax"
+_MAX_ROWS = 16
+backends.register_op(OP, ("reference", "cpu"), cpp_ops=("linear_argmax_fwd", "linear_argmax_screen"))
+
+
+@dataclass(frozen=True)
+class LinearArgmaxScreen:
+    """An int8 screen of one fp32 weight (N, K): qweight (N, K) int8, scale (N,), slack (N,) (the
+    per-row bound of csrc/cpu/linear_argmax.cpp), and the weight it was built from (identity and
+    version: an in-place update of the weight makes the screen stale, which linear_argmax rejects)."""
+
+    qweight: Tensor
+    scale: Tensor
+    slack: Tensor
+    weight_ptr: int
+    weight_version: int
+    weight_shape: tuple
+
+    @classmethod
+    def build(cls, weight: Tensor) -> "LinearArgmaxScreen":
+        _checks.tensor(OP, "weight", weight)
+        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"fastlm.ops.{OP}: a screen is built from a 2-D float32 CPU weight, got "
+                             f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
+        if not _ext.has_kernel("linear_argmax_screen", "CPU"):
+            raise backends.BackendUnavailableError(
+                f"fastlm.ops.{OP}: the screen needs the C++ extension: {_ext.error() or 'fastlm._C lacks it'}")
+        with torch.no_grad():
+            q, scale, slack = torch.ops.fastlm_C.linear_argmax_screen(weight.detach())
+        return cls(q, scale, slack, weight.data_ptr(), weight._version, tuple(weight.shape))
+
+    def matches(self, weight: Tensor) -> bool:
+        return (weight.data_ptr() == self.weight_ptr and weight._version == self.weight_version
+                and tuple(weight.shape) == self.weight_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.slack))
+
+
+def _supports(x: Tensor, weight: Tensor, screen):
+    def check(backend: str) -> str | None:
+        if backend == "reference":
+            return None
+        if x.dtype != torch.float32 or weight.dtype != torch.float32:
+            return f"dtype {x.dtype} (the screened kernel takes float32)"
+        if x.shape[0] > _MAX_ROWS:
+            return f"{x.shape[0]} rows (the screened kernel takes at most {_MAX_ROWS})"
+        return None
+    return check
+
+
+def _run(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor, screen=None) -> Tensor:
+    backend = backends.select(OP, x.device, _supports(x, weight, screen if screen is not None else qweight))
+    if backend == "reference":
+        return linear(x, weight).argmax(-1)
+    return kernel_impl(backend, "linear_argmax_fwd", "")(x, weight, qweight, scale, slack)
+
+
+@torch.library.custom_op("fastlm::linear_argmax_fwd", mutates_args=())
+def linear_argmax_fwd(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor) -> Tensor:
+    """x (M, K) with a contiguous last dim, weight (N, K), its screen (qweight, scale, slack) -> (M,) int64."""
+    return _run(x, weight, qweight, scale, slack)
+
+
+@linear_argmax_fwd.register_fake
+def _(x, weight, qweight, scale, slack):
+    return x.new_empty((x.shape[0],), dtype=torch.long)
+
+
+def linear_argmax(input: Tensor, weight: Tensor, screen: LinearArgmaxScreen | None = None) -> Tensor:
+    """== ops.linear(input, weight).argmax(-1): input (*, K), weight (N, K) -> (*,) int64.
+
+    With a `screen` (LinearArgmaxScreen.build(weight)), float32 CPU inputs of at most 16 rows read
+    the weight's int8 copy and recompute only the rows that can win, in fp32: the same index as
+    the full product of each row alone (the first largest; NaN counts as the largest)."""
+    _checks.tensor(OP, "input", input)
+    _checks.tensor(OP, "weight", weight)
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"fastlm.ops.{OP}: weight must be 2-D (out_features >= 1, in_features), "
+                         f"got {tuple(weight.shape)}")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fastlm.ops.{OP}: input's last dim must be weight's in_features {weight.shape[1]}, "
+                         f"got input of shape {tuple(input.shape)}")
+    _checks.same_device(OP, "weight", weight, input)
+    _checks.same_dtype(OP, "weight", weight, input)
+    if screen is not None:
+        if not isinstance(screen, LinearArgmaxScreen):
+            raise TypeError(f"fastlm.ops.{OP}: screen must be a LinearArgmaxScreen, got {type(screen).__name__}")
+        if not screen.matches(weight):
+            raise ValueError(f"fastlm.ops.{OP}: screen was built for another weight (or this weight changed "
+                             f"in place since): rebuild it with LinearArgmaxScreen.build(weight)")
+    x2 = _checks.rows(input, weight.shape[1])
+    if screen is None:
+        return linear(x2, weight).argmax(-1).view(input.shape[:-1])
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    if torch.compiler.is_compiling():
+        out = linear_argmax_fwd(x2, w, screen.qweight, screen.scale, screen.slack)
+    else:  # skip the custom-op wrapper (tens of microseconds) outside of torch.compile
+        out = _run(x2, w, screen.qweight, screen.scale, screen.slack, screen)
+    return out.view(input.shape[:-1])

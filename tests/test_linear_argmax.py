@@ -1,0 +1,155 @@
+"""ops.linear_argmax (the screened greedy pick): the same index as the full fp32 product, row by row,
+over odd sizes, near-ties (many candidates), exact ties (the first wins), the candidate cap
+(fallback to the full product), non-finite inputs and weights; the reference backend; opcheck;
+stale screens and bad inputs."""
+import pytest
+import torch
+
+import fastlm
+from fastlm import ops
+from fastlm.ops import reference
+from fastlm.ops.linear_argmax import LinearArgmaxScreen, linear_argmax_fwd
+
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in fastlm.available_backends("linear_argmax", "cpu"),
+                                      reason="the C++ extension is not built")
+
+
+def per_row_linear_argmax(x, w):
+    """What the screened kernel must return: ops.linear's argmax for each row alone."""
+    return torch.stack([ops.linear(x[m:m + 1], w).argmax(-1)[0] for m in range(x.shape[0])])
+
+
+def check(x, w):
+    screen = LinearArgmaxScreen.build(w)
+    with fastlm.use_backend("cpu"):
+        got = ops.linear_argmax(x, w, screen)
+    assert got.dtype == torch.int64 and got.shape == x.shape[:-1]
+    want = per_row_linear_argmax(x.reshape(-1, w.shape[1]), w).view(x.shape[:-1])
+    assert torch.equal(got, want), (got, want)
+    return got
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("K,N", [(7, 5), (16, 1), (33, 130), (70, 1001), (768, 4099)])
+def test_matches_full_product(M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) * 0.02
+    got = check(x, w)
+    # and the fp64 argmax, wherever the top two are apart by more than fp32 rounding
+    logits = x.double() @ w.double().t()
+    top2 = logits.topk(min(2, N), dim=-1).values
+    clear = (top2[:, 0] - top2[:, -1]) > 1e-5 if N > 1 else torch.ones(M, dtype=torch.bool)
+    assert torch.equal(got[clear], logits.argmax(-1)[clear])
+
+
+@needs_cpu_kernel
+def test_rows_of_very_different_scales():
+    # per-row int8 scales: rows 1000x apart in magnitude, a few rows with one outlier element
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3000, 96, generator=g) * torch.logspace(-3, 0, 3000)[:, None]
+    w[::97, 5] = 40.0
+    check(torch.randn(4, 96, generator=g), w)
+
+
+@needs_cpu_kernel
+def test_near_ties_many_candidates():
+    # 500 rows within 1e-6 of each other: all are candidates, recomputed exactly
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1, 64, generator=g)
+    w = torch.cat([base + 1e-6 * torch.randn(500, 64, generator=g), torch.randn(3000, 64, generator=g) * 0.01])
+    check(torch.randn(3, 64, generator=g) + base, w)
+
+
+@needs_cpu_kernel
+def test_exact_ties_first_index_wins_and_candidate_cap():
+    # every row equal: all N are candidates, past the cap (max(N / 16, 256)): the full-product path;
+    # and a few equal rows among others (under the cap): the screened path; the first index wins
+    g = torch.Generator().manual_seed(2)
+    row = torch.randn(1, 40, generator=g)
+    x = torch.randn(2, 40, generator=g)
+    assert torch.equal(check(x, row.repeat(1000, 1)), torch.zeros(2, dtype=torch.long))
+    w = torch.randn(2000, 40, generator=g) * 0.01
+    w[[300, 700, 1500]] = row * 5
+    got = check(row.repeat(2, 1), w)
+    assert torch.equal(got, torch.full((2,), 300))
+
+
+@needs_cpu_kernel
+def test_non_finite_values():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(500, 33, generator=g)
+    x = torch.randn(3, 33, generator=g)
+    x[1, 4] = float("nan")            # row 1: NaN logits everywhere -> index 0, as torch.argmax
+    x[2, 0] = float("inf")            # row 2: +-inf / NaN logits
+    check(x, w)
+    w[123, 7] = float("nan")          # a NaN weight row is always a candidate and wins (NaN is the max)
+    got = check(torch.randn(2, 33, generator=g), w)
+    assert torch.equal(got, torch.full((2,), 123))
+    w[123, 7] = float("inf")
+    check(torch.randn(2, 33, generator=g), w)
+
+
+@needs_cpu_kernel
+def test_many_rows_and_other_dtypes_fall_back():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(300, 24, generator=g)
+    screen = LinearArgmaxScreen.build(w)
+    x = torch.randn(40, 24, generator=g)       # > 16 rows: the full product
+    with pytest.warns(fastlm.FallbackWarning, match="16"):
+        assert torch.equal(ops.linear_argmax(x, w, screen), ops.linear(x, w).argmax(-1))
+    with pytest.raises(fastlm.BackendUnavailableError, match="16"):
+        with fastlm.use_backend("cpu"):
+            ops.linear_argmax(x, w, screen)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(ops.linear_argmax(xb, wb), ops.linear(xb, wb).argmax(-1))
+    with pytest.raises(ValueError, match="float32"):
+        LinearArgmaxScreen.build(wb)
+
+
+@needs_cpu_kernel
+def test_reference_backend_and_no_screen():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(700, 50, generator=g)
+    x = torch.randn(2, 3, 50, generator=g)
+    screen = LinearArgmaxScreen.build(w)
+    want = reference.linear_argmax_fwd_ref(x.reshape(6, 50), w).view(2, 3)
+    with fastlm.use_backend("reference"):
+        assert torch.equal(ops.linear_argmax(x, w, screen), want)
+    assert torch.equal(ops.linear_argmax(x, w), want)
+    assert torch.equal(ops.linear_argmax(x, w, screen), want)
+
+
+@needs_cpu_kernel
+def test_opcheck():
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(90, 20, generator=g)
+    s = LinearArgmaxScreen.build(w)
+    torch.library.opcheck(linear_argmax_fwd, (torch.randn(3, 20, generator=g), w, s.qweight, s.scale, s.slack))
+
+
+@needs_cpu_kernel
+def test_stale_screen_and_bad_inputs():
+    w = torch.randn(50, 16)
+    screen = LinearArgmaxScreen.build(w)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="another weight"):
+        ops.linear_argmax(x, torch.randn(50, 16), screen)
+    w.mul_(2)                                    # changed in place since the screen was built
+    with pytest.raises(ValueError, match="changed in place"):
+        ops.linear_argmax(x, w, screen)
+    with pytest.raises(ValueError, match="in_features"):
+        ops.linear_argmax(torch.randn(2, 15), w)
+    with pytest.raises(TypeError, match="LinearArgmaxScreen"):
+        ops.linear_argmax(x, w, (screen.qweight, screen.scale, screen.slack))
+    with pytest.raises(ValueError, match="2-D"):
+        LinearArgmaxScreen.build(torch.randn(16))
+    # the C++ op checks its screen (a direct torch.ops call)
+    s = LinearArgmaxScreen.build(w)
+    with pytest.raises(RuntimeError, match="qweight"):
+        torch.ops.fastlm_C.linear_argmax_fwd(x, w, s.qweight[:10], s.scale, s.slack)
+    with pytest.raises(RuntimeError, match="slack"):
+        torch.ops.fastlm_C.linear_argmax_fwd(x, w, s.qweight, s.scale, s.slack[:3])
+    with pytest.raises(RuntimeError, match="at most 16"):
+        torch.ops.fastlm_C.linear_argmax_fwd(torch.randn(17, 16), w, s.qweight, s.scale, s.slack)
