@@ -170,9 +170,11 @@ class GPT2(torch.nn.Module):
         return _dense_linear(h, blk.proj.weight, blk.proj.bias)
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, cache: StaticKVCache, pad_counts: Tensor | None = None) -> Tensor:
+    def prefill(self, input_ids: Tensor, cache: StaticKVCache, pad_counts: Tensor | None = None,
+                greedy: bool = False) -> Tensor:
         """input_ids (B, S), left-padded with pad_counts[b] pads (None: none). Fills the cache (row b's
-        real tokens at positions [0, S - pad_counts[b])) and returns the last position's logits (B, V)."""
+        real tokens at positions [0, S - pad_counts[b])) and returns the last position's logits (B, V),
+        or with greedy=True their argmax (B,) int64 (as decode_step)."""
         c = self.config
         B, S = input_ids.shape
         H, D = c.n_head, c.head_dim
@@ -210,7 +212,17 @@ class GPT2(torch.nn.Module):
         if pad_counts is not None:
             lengths -= pad_counts.to(lengths)
         cache.set_lengths(lengths)
-        return ops.linear(x, self.head_weight)
+        return self._head(x, ops.linear, greedy)
+
+    def _head(self, x: Tensor, lin, greedy: bool) -> Tensor:
+        """Logits (B, V) of the final hidden rows x, or with greedy their argmax (B,): on CPU in fp32
+        through the head's int8 screen (ops.linear_argmax), elsewhere the logits' argmax."""
+        if not greedy:
+            return lin(x, self.head_weight, None)
+        screen = self.head_screen() if x.shape[0] <= 16 else None
+        if screen is not None:
+            return ops.linear_argmax(x, self.head_weight, screen)
+        return lin(x, self.head_weight, None).argmax(-1)
 
     def _decode_kernels(self, x: Tensor):
         """(linear, add_layer_norm, decode_attention) for a decode step on `x`'s device and dtype.
@@ -298,12 +310,7 @@ class GPT2(torch.nn.Module):
             nxt = self.blocks[layer + 1].ln_1 if layer + 1 < nb else self.ln_f
             x, h = ln(m, h, nxt.weight, nxt.bias, nxt.eps)
         cache.advance()
-        if greedy:
-            screen = self.head_screen() if B <= 16 else None
-            if screen is not None:
-                return ops.linear_argmax(x, self.head_weight, screen)
-            return lin(x, self.head_weight, None).argmax(-1)
-        return lin(x, self.head_weight, None)
+        return self._head(x, lin, greedy)
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor) -> Tensor:

@@ -30,8 +30,12 @@ class StaticKVCache(torch.nn.Module):
         self.n_layers, self.batch, self.kv_heads = n_layers, batch, kv_heads
         self.max_seq, self.head_dim = max_seq, head_dim
         shape = (n_layers, batch, kv_heads, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Positions past a row's length are never read by the CPU kernels: no zero fill there (GPT-2
+        # small, 8 x 96 positions: 56 MB, 9 ms of a ~0.8 s generate call). GPU kernels may load a
+        # masked tail, so CUDA buffers start zeroed (cheap there).
+        alloc = torch.empty if torch.device(device or "cpu").type == "cpu" else torch.zeros
+        self.register_buffer("k", alloc(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", alloc(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lengths", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
         # flat row index of (b, h, position 0) in a layer's (batch * kv_heads * max_seq, head_dim) view
         rows, heads = torch.arange(batch, device=device), torch.arange(kv_heads, device=device)
