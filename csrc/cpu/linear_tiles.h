@@ -47,7 +47,10 @@ __attribute__((target("avx512f"))) inline void tile_avx512(const float* w, int64
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
-        const __m512 xv = _mm512_loadu_ps(x + m * ldx + k + 16 * u);
+        __m512 xv = _mm512_loadu_ps(x + m * ldx + k + 16 * u);
+        // Keep xv in a register: GCC otherwise folds the load into each of the NR FMAs (NR loads
+        // of the same vector; measured 8 rows, GPT-2 small's 48 matrices: 9.8 -> 8.7 ms).
+        asm("" : "+v"(xv));
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) acc[m][r][u] = _mm512_fmadd_ps(wv[r][u], xv, acc[m][r][u]);
       }
