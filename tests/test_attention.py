@@ -275,7 +275,7 @@ MMA_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_mma_forward(monkeypatch, dtype):
     """The tensor-core CUDA forward (csrc/cuda/attention_mma.cu), on with FASTLM_CUDA_ATTENTION_MMA=1: forward
-    and backward parity (the backward is the simple kernel's, fed this forward's out and lse), lse equal to the
+    and backward parity (the backward is the tensor-core one for D <= 128, the simple one above), lse equal to the
     simple kernel's (-inf on the same rows), a custom scale, strided (B, S, H, D) inputs, and a check that the
     kernel really ran (its output is not bit-identical to the simple kernel's)."""
     if "cuda" not in fastlm.available_backends(OP, "cuda"):
@@ -316,6 +316,62 @@ def test_cuda_mma_forward(monkeypatch, dtype):
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
         assert_close(f"mma strided D={D}", out, ref, F.scaled_dot_product_attention(q, k, v, is_causal=True),
                      atol=hf_atol(dtype))
+
+
+# (B, H, Hkv, Sq, Sk, D, D, mask kind, causal) for the tensor-core CUDA backward (attention_mma_bwd.cu; Dv == D
+# <= 128, larger head dims fall back to the simple kernels): head dims 16, 20, 40 (padded to 64), 64, 80, 128
+# (padded to 128), Sq/Sk off the 64-row blocks and 64/32-row streamed tiles, causal with Sq < Sk and Sq > Sk,
+# key padding with fully masked rows and batches, GQA (dk/dv summed over groups of 2 and 3).
+MMA_BWD_CASES = [
+    (2, 2, 2, 1, 1, 16, 16, None, False),
+    (1, 4, 2, 67, 130, 16, 16, None, True),
+    (2, 4, 1, 129, 65, 40, 40, "pad", False),
+    (3, 4, 2, 70, 300, 40, 40, "padblk_add", False),
+    (1, 2, 2, 130, 129, 64, 64, "bool", False),
+    (2, 6, 2, 129, 130, 64, 64, None, True),
+    (1, 2, 1, 33, 200, 80, 80, "add_bh", False),
+    (1, 6, 2, 200, 33, 80, 80, None, True),
+    (3, 2, 2, 129, 200, 128, 128, "padblk", False),
+    (1, 4, 2, 97, 97, 128, 128, None, True),
+    (1, 2, 2, 17, 17, 20, 20, "bool", False),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_mma_backward(monkeypatch, dtype):
+    """The tensor-core CUDA backward (csrc/cuda/attention_mma_bwd.cu), on with FASTLM_CUDA_ATTENTION_MMA=1: dq,
+    dk, dv against the fp64 reference (3x torch's own error) through the public op, then the raw C++ op fed the
+    same out and lse with the gate on and off: every gradient must differ from the simple kernel's bit for bit
+    (else the tensor-core kernel silently did not run) and still pass the 3x rule."""
+    if "cuda" not in fastlm.available_backends(OP, "cuda"):
+        pytest.skip("fastlm._C has no CUDA attention kernels")
+    monkeypatch.setenv("FASTLM_CUDA_ATTENTION_MMA", "1")
+    for case in MMA_BWD_CASES:
+        _check_parity("cuda", "cuda", dtype, case)
+
+    for B, H, Hkv, Sq, Sk, D, kind, causal in ((3, 4, 2, 70, 300, 40, "padblk_add", False),
+                                               (2, 6, 2, 130, 129, 80, None, True),
+                                               (1, 2, 2, 67, 65, 128, None, False)):
+        q, k, v, do = _inputs(B, H, Hkv, Sq, Sk, D, D, dtype, "cuda")
+        mask = _make_mask(kind, B, H, Sq, Sk, dtype, "cuda")
+        raw_mask = None if mask is None else mask.expand(B, H, Sq, Sk)
+        args = (raw_mask, 1 / math.sqrt(D), causal, 0.0, None)
+        out, lse = torch.ops.fastlm_C.attention_fwd(q, k, v, *args)
+        got = torch.ops.fastlm_C.attention_bwd(do, q, k, v, out, lse, *args)
+        monkeypatch.setenv("FASTLM_CUDA_ATTENTION_MMA", "0")
+        simple = torch.ops.fastlm_C.attention_bwd(do, q, k, v, out, lse, *args)
+        monkeypatch.setenv("FASTLM_CUDA_ATTENTION_MMA", "1")
+        kw = dict(attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
+        with fastlm.use_backend("reference"):
+            oracle = _fwd_bwd(ops.scaled_dot_product_attention, *(t.double() for t in (q, k, v, do)),
+                              **{**kw, "attn_mask": None if mask is None else mask.double()})
+        base = _fwd_bwd(F.scaled_dot_product_attention, q, k, v, do, **kw)
+        for name, g, s_, o, b in zip(("dq", "dk", "dv"), got, simple, oracle[1:], base[1:]):
+            tag = f"mma raw bwd {dtype} {(B, H, Hkv, Sq, Sk, D, kind, causal)} {name}"
+            assert not torch.equal(g, s_), f"{tag}: the tensor-core backward did not run (bit-identical output)"
+            scale_ref = max(1.0, o.abs().max().item())
+            assert_close(tag, g, o, b, factor=3, atol=hf_atol(dtype) * scale_ref)
 
 
 # ---------------------------------------------- dropout ----------------------------------------------

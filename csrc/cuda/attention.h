@@ -37,4 +37,14 @@ void attention_bwd_launch(const at::Tensor& dout, const at::Tensor& q, const at:
                           const AttentionArgs& args, const at::Tensor& delta, const at::Tensor& dq,
                           const at::Tensor& dk, const at::Tensor& dv);
 
+// Tensor-core backward (csrc/cuda/attention_mma_bwd.cu; FA2 scheme: a dQ pass per query tile and a
+// dK/dV pass per key tile, no atomics), same contract as attention_bwd_launch. Returns false, launching
+// nothing, for calls outside its scope (fp32, dropout, Dv != D, D > 128, non-contiguous lse/delta/outputs,
+// pre-sm80 devices); the caller then uses attention_bwd_launch. Gated like the forward by
+// FASTLM_CUDA_ATTENTION_MMA=1; not yet run on a GPU.
+bool attention_bwd_mma_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& lse, const at::Tensor* mask,
+                              const AttentionArgs& args, const at::Tensor& delta, const at::Tensor& dq,
+                              const at::Tensor& dk, const at::Tensor& dv);
+
 }  // namespace fastlm::cuda

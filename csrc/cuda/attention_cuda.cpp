@@ -1,8 +1,9 @@
 // CUDA registrations of the attention ops: input checks, output allocation, launch (kernels in
 // attention.cu). Dropout (seed, offset) is read from the rng CPU tensor on the host (no sync).
-// FASTLM_CUDA_ATTENTION_MMA=1 routes the fp16/bf16 forward to the tensor-core kernel
-// (attention_mma.cu; not yet run on a GPU, so off by default; scripts/gpu_check.sh runs the CUDA
-// attention tests with it on). It is read at every call, so a benchmark can toggle it per contender.
+// FASTLM_CUDA_ATTENTION_MMA=1 routes the fp16/bf16 forward and backward to the tensor-core kernels
+// (attention_mma.cu, attention_mma_bwd.cu; not yet run on a GPU, so off by default;
+// scripts/gpu_check.sh runs the CUDA attention tests with it on). It is read at every call, so a
+// benchmark can toggle it per contender.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -113,7 +114,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   auto dk = new_output(k.sizes(), k.options());
   auto dv = new_output(v.sizes(), v.options());
   auto delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_bwd_launch(dout, q, k, v, out, lse_c, opt_ptr(mask), args, delta, dq, dk, dv);
+  // The tensor-core backward declines (returns false) fp32, dropout, Dv != D and D > 128.
+  if (!(mma_enabled() &&
+        attention_bwd_mma_launch(dout, q, k, v, out, lse_c, opt_ptr(mask), args, delta, dq, dk, dv))) {
+    attention_bwd_launch(dout, q, k, v, out, lse_c, opt_ptr(mask), args, delta, dq, dk, dv);
+  }
   return {dq, dk, dv};
 }
 
