@@ -42,6 +42,11 @@ TORCH_LIBRARY(fastlm_C, m) {
         " -> Tensor");
   // [decode] y = x @ weight^T + bias: x (M, K), weight (N, K), bias (N,). Fast path for few rows.
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // [decode] The layer loop of a GPT-2 decode step (CPU): per layer 12 weights (c_attn, c_proj, ln_2,
+  // fc, proj, next LayerNorm; weight then bias), caches (L, B, H, S_max, D), this step's flat cache
+  // rows index (B * H,), attention lengths (B,), eps (ln_2, next) per layer. -> (x, h).
+  m.def("decode_layers(Tensor x, Tensor h, Tensor[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor index,"
+        " Tensor lengths, float scale, str approximate, float[] eps) -> (Tensor x, Tensor h)");
   // [decode] Greedy pick: argmax_n (x @ weight^T)[m, n] for fp32 x (M <= 16, K), weight (N, K),
   // screening weight with its int8 copy (qweight, scale, slack from linear_argmax_screen). -> (M,) int64.
   m.def("linear_argmax_screen(Tensor weight) -> (Tensor qweight, Tensor scale, Tensor slack)");

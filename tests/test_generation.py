@@ -256,6 +256,49 @@ def test_cache_positions_past_the_lengths_are_never_read(hf_small):
     assert torch.isfinite(out[1]).all() and torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_cpp_layer_loop_matches_python_loop(hf_small, monkeypatch, B):
+    """decode_step's C++ layer loop (fastlm_C::decode_layers) runs the same kernels in the same order
+    as the Python loop: logits and cache contents bit for bit."""
+    model = GPT2.from_hf(hf_small)
+    ids = torch.randint(1, hf_small.config.vocab_size, (B, 11))
+    runs = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("FASTLM_DECODE_LAYERS", fused)
+        cache = model.new_cache(B, 20)
+        logits = [model.prefill(ids, cache)]
+        for _ in range(5):
+            logits.append(model.decode_step(logits[-1].argmax(-1), cache))
+        n = int(cache.lengths.max())
+        runs.append((torch.stack(logits), cache.k[:, :, :, :n].clone(), cache.v[:, :, :, :n].clone()))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_cpp_layer_loop_checks_its_inputs(hf_small):
+    model = GPT2.from_hf(hf_small)
+    cache = model.new_cache(2, 8)
+    C = hf_small.config.n_embd
+    x = h = torch.randn(2, C)
+    w = model._decode_layer_weights()
+    idx, lens = cache.step_index(), cache.next_lengths()
+    eps = [1e-5] * (2 * len(model.blocks))
+    op = torch.ops.fastlm_C.decode_layers
+    op(x, h, w, cache.k, cache.v, idx, lens, 0.125, "tanh", eps)          # well-formed: runs
+    with pytest.raises(RuntimeError, match="12 tensors per layer"):
+        op(x, h, w[:-1], cache.k, cache.v, idx, lens, 0.125, "tanh", eps)
+    with pytest.raises(RuntimeError, match="index holds a row outside"):
+        op(x, h, w, cache.k, cache.v, idx + 10_000, lens, 0.125, "tanh", eps)
+    with pytest.raises(RuntimeError, match="k_cache"):
+        op(x, h, w, cache.k[:1], cache.v[:1], idx, lens, 0.125, "tanh", eps)
+    with pytest.raises(RuntimeError, match="eps"):
+        op(x, h, w, cache.k, cache.v, idx, lens, 0.125, "tanh", eps[:1])
+    with pytest.raises(RuntimeError, match="approximate"):
+        op(x, h, w, cache.k, cache.v, idx, lens, 0.125, "fast", eps)
+    with pytest.raises(RuntimeError, match="weights\\[3\\]"):
+        op(x, h, w[:3] + [w[3].double()] + w[4:], cache.k, cache.v, idx, lens, 0.125, "tanh", eps)
+
+
 def test_greedy_decode_step_matches_logits_argmax(hf_small):
     """decode_step(greedy=True) (CPU fp32: the LM head's int8 screen, ops.linear_argmax) returns each
     row's argmax of decode_step's logits, step after step; the screen is built once and rebuilt when

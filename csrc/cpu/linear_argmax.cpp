@@ -9,8 +9,9 @@
 // Cauchy-Schwarz) + gamma_{K+2} (||w_n||_2 + ||s_n q_n||_2) (the fp32 rounding of both dot
 // products, gamma_k = k u / (1 - k u), u = 2^-24), padded by 1e-6 relative and rounded up.
 //
-// Argmax (linear_argmax_fwd): one pass over the int8 rows computes a (threads split the rows, NR=4
-// row tiles against the input rows in blocks of 4/2/1, the next tile prefetched) and, per row m,
+// Argmax (linear_argmax_fwd): one pass over the int8 rows computes a (threads split the rows; tiles
+// of 4 rows against the input rows in blocks of 4/2/1, or of 3 against blocks of 8; the next tile
+// prefetched) and, per row m,
 // T_m = max_n (a_mn - e_mn), e_mn = ||x_m|| slack_n. Every n with a_mn + e_mn < T_m has
 // l_mn < l_m(argmax of the lower bound): it cannot be the argmax. The survivors ("candidates",
 // collected in the same pass against the running threshold, then filtered by the final one) are
@@ -45,7 +46,9 @@ namespace {
 constexpr const char* kScreen = "linear_argmax_screen";
 constexpr const char* kOp = "linear_argmax_fwd";
 constexpr int64_t kMaxRows = 16;
-constexpr int kNR = 4;  // int8 W rows per register tile
+// int8 W rows per register tile: 4 against input rows in blocks of 4/2/1; 3 against blocks of 8
+// (24 accumulators: each widened W vector feeds 8 FMAs)
+inline int tile_rows(int64_t M) { return M >= 8 ? 3 : 4; }
 
 double gamma_k(int64_t k) {
   const double ku = static_cast<double>(k) * std::ldexp(1.0, -24);
@@ -126,9 +129,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_q8(const i
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (NR + r) * K + k), _MM_HINT_T0);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+      __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+      asm("" : "+v"(xv));  // one load, not one folded into each FMA (see linear_tiles.h)
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
     }
@@ -139,7 +143,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_q8(const i
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r)
       wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(msk, q + r * K + k)));
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(msk, x + m * ldx + k);
 #pragma GCC unroll 4
@@ -176,7 +180,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_chunk(
     const int8_t* q, const float* scale, const float* slack, const float* x, int64_t M, int64_t K, int64_t n0,
     int64_t n1, const std::vector<RowState>& rows, std::vector<double>& lo_max,
     std::vector<Candidate>& cand) {
-  float out[4 * kNR];
+  float out[8 * 4];
   auto consider = [&](int64_t m, int64_t n, float acc) {
     if (!rows[m].screened) return;
     const double a = static_cast<double>(acc * scale[n]);
@@ -188,6 +192,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_chunk(
     constexpr int nr = decltype(nr_tag)::value;
     const int8_t* qn = q + n * K;
     int64_t m = 0;
+    if constexpr (nr <= 3) {
+      for (; M - m >= 8; m += 8) {
+        tile_q8<8, nr>(qn, K, x + m * K, K, out);
+        for (int i = 0; i < 8; ++i)
+          for (int r = 0; r < nr; ++r) consider(m + i, n + r, out[i * nr + r]);
+      }
+    }
     for (; M - m >= 4; m += 4) {
       tile_q8<4, nr>(qn, K, x + m * K, K, out);
       for (int i = 0; i < 4; ++i)
@@ -205,7 +216,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_chunk(
     }
   };
   int64_t n = n0;
-  for (; n + kNR <= n1; n += kNR) tile(std::integral_constant<int, kNR>{}, n);
+  if (tile_rows(M) == 3) {
+    for (; n + 3 <= n1; n += 3) tile(std::integral_constant<int, 3>{}, n);
+  } else {
+    for (; n + 4 <= n1; n += 4) tile(std::integral_constant<int, 4>{}, n);
+  }
   for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
 }
 #endif
@@ -253,13 +268,14 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
     std::mutex mu;
     std::vector<double> lo_max(M, -std::numeric_limits<double>::infinity());
     std::vector<std::pair<int64_t, std::vector<Candidate>>> chunks;  // (first tile, candidates)
-    const int64_t tiles = (N + kNR - 1) / kNR;
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kNR * K, 1));
+    const int64_t nr = tile_rows(M);
+    const int64_t tiles = (N + nr - 1) / nr;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1));
     parallel_range(0, tiles, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> lo(M, -std::numeric_limits<double>::infinity());
       std::vector<Candidate> cand;
       screen_chunk(qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), slack.data_ptr<float>(), xf.data(), M, K,
-                   begin * kNR, std::min(N, end * kNR), rows, lo, cand);
+                   begin * nr, std::min(N, end * nr), rows, lo, cand);
       std::lock_guard<std::mutex> lock(mu);
       for (int64_t m = 0; m < M; ++m) lo_max[m] = std::max(lo_max[m], lo[m]);
       chunks.emplace_back(begin, std::move(cand));

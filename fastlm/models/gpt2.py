@@ -225,7 +225,8 @@ class GPT2(torch.nn.Module):
         return lin(x, self.head_weight, None).argmax(-1)
 
     def _decode_kernels(self, x: Tensor):
-        """(linear, add_layer_norm, decode_attention) for a decode step on `x`'s device and dtype.
+        """(linear, add_layer_norm, decode_attention, all three are the C++ kernels) for a decode step
+        on `x`'s device and dtype.
 
         A CPU decode step makes ~100 op calls; through the public ops each pays its argument checks,
         backend selection and wrappers (~10-30 us: ~2 ms a step at batch 1, next to ~10 ms of weight
@@ -234,34 +235,48 @@ class GPT2(torch.nn.Module):
         public op. add_layer_norm(x, residual or None, w, b, eps) -> (out, summed)."""
         dev = x.device
         if dev.type != "cpu" or torch.compiler.is_compiling():
-            return self._generic_kernels()
+            return self._generic_kernels() + (False,)
         kernel_dtype = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         ok = lambda backend: None if backend == "reference" or kernel_dtype else "dtype"  # noqa: E731
         lin, ln, att = self._generic_kernels()
+        n_cpp = 0
         if backends.select("linear", dev, ok) == "cpu":
             lin = torch.ops.fastlm_C.linear_fwd
+            n_cpp += 1
         if backends.select("add_layer_norm", dev, ok) == "cpu" and backends.select("layer_norm", dev, ok) == "cpu":
             raw = torch.ops.fastlm_C.layer_norm_fwd
+            n_cpp += 1
 
             def ln(x, res, w, b, eps):
                 out = raw(x, res, w, b, eps)
                 return out[0], out[1]
         if backends.select("decode_attention", dev, ok) == "cpu":
             att = torch.ops.fastlm_C.decode_attention_fwd
-        return lin, ln, att
+            n_cpp += 1
+        return lin, ln, att, n_cpp == 3
+
+    def _generic_ln(self, x, res, w, b, eps):
+        n = self.config.n_embd
+        if res is None:
+            return ops.layer_norm(x, (n,), w, b, eps), None
+        return ops.add_layer_norm(x, res, (n,), w, b, eps)
 
     def _generic_kernels(self):
-        n = self.config.n_embd
-
-        def ln(x, res, w, b, eps):
-            if res is None:
-                return ops.layer_norm(x, (n,), w, b, eps), None
-            return ops.add_layer_norm(x, res, (n,), w, b, eps)
-
         def att(q, k, v, lens, scale):
             return decode_attention_unchecked(q.contiguous(), k, v, lens, scale)
 
-        return ops.linear, ln, att
+        return ops.linear, self._generic_ln, att
+
+    def _decode_layer_weights(self) -> list:
+        """Per block: c_attn, c_proj, ln_2, fc, proj and the next LayerNorm (the following block's
+        ln_1, or ln_f), weight then bias: fastlm_C::decode_layers' `weights`."""
+        out = []
+        nxt = [b.ln_1 for b in self.blocks[1:]] + [self.ln_f]
+        for blk, ln_next in zip(self.blocks, nxt):
+            out += [blk.c_attn.weight, blk.c_attn.bias, blk.c_proj.weight, blk.c_proj.bias, blk.ln_2.weight,
+                    blk.ln_2.bias, blk.fc.weight, blk.fc.bias, blk.proj.weight, blk.proj.bias, ln_next.weight,
+                    ln_next.bias]
+        return out
 
     def head_screen(self) -> "ops.LinearArgmaxScreen | None":
         """The int8 screen of the LM head (built on first use, ~N*K bytes; rebuilt when the head weight
@@ -294,11 +309,20 @@ class GPT2(torch.nn.Module):
         idx = cache.step_index()                            # where this step's keys/values go, every layer
         scale = 1.0 / math.sqrt(D)
         h = self.wte(tokens) + self.wpe(pos)                                                  # (B, d)
-        lin, ln, att = self._decode_kernels(h)
+        lin, ln, att, all_cpp = self._decode_kernels(h)
         act = self.config.activation
         gelu = F.gelu
         nb = len(self.blocks)
         x, _ = ln(h, None, self.blocks[0].ln_1.weight, self.blocks[0].ln_1.bias, self.blocks[0].ln_1.eps)
+        if all_cpp and os.environ.get("FASTLM_DECODE_LAYERS", "1") != "0":
+            # the same kernels in the same order, looped in C++ (csrc/cpu/decode_layers.cpp): no Python
+            # between them. FASTLM_DECODE_LAYERS=0 runs the Python loop below.
+            eps = [e for blk, nxt in zip(self.blocks, [b.ln_1 for b in self.blocks[1:]] + [self.ln_f])
+                   for e in (blk.ln_2.eps, nxt.eps)]
+            x, h = torch.ops.fastlm_C.decode_layers(x, h, self._decode_layer_weights(), cache.k, cache.v, idx, lens,
+                                                    scale, act, eps)
+            cache.advance()
+            return self._head(x, lin, greedy)
         for layer, blk in enumerate(self.blocks):
             qkv = lin(x, blk.c_attn.weight, blk.c_attn.bias).view(B, 3, H, D)
             q, k, v = qkv.unbind(1)                                        # (B, H, D), rows strided
