@@ -58,7 +58,7 @@ if has test; then
   rc=$?; status=$(( status | rc ))
   tail -40 "$OUT/tests.log"
   echo "pytest exit code $rc"
-  # The tensor-core CUDA attention forward (csrc/cuda/attention_mma.cu) is off by default until it has
+  # The tensor-core CUDA attention (csrc/cuda/attention_mma*.cu, forward and backward) is off by default until it has
   # passed here: rerun every CUDA attention test with it on, into its own log and junit file.
   echo "== CUDA attention tests with FASTLM_CUDA_ATTENTION_MMA=1"
   FASTLM_CUDA_ATTENTION_MMA=1 FASTLM_TEST_FULL=1 timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfEs \
@@ -66,7 +66,7 @@ if has test; then
     >"$OUT/tests_attention_mma.log" 2>&1
   rc=$?; status=$(( status | rc ))
   tail -20 "$OUT/tests_attention_mma.log"
-  echo "pytest (attention, mma forward) exit code $rc"
+  echo "pytest (attention, mma forward and backward) exit code $rc"
 fi
 
 if has bench; then

@@ -10,6 +10,10 @@ few-row linear, for GPT-2 small / medium shapes with random weights.
   fastlm: GPT2.prefill / GPT2.decode_step); tokens/s.
 - "decode_attention bB hH kvK sS dD": GB/s (K and V rows read up to each row's length) against the
   reference and torch's SDPA over a masked cache.
+- "linear_argmax MxK->N": the greedy pick over GPT-2's LM head: F.linear + argmax, ops.linear +
+  argmax, and "fastlm" = ops.linear_argmax through the int8 screen (CPU fp32); GB/s of the fp32
+  weight (what a full product reads, so the screened rate is an effective one); check: index
+  mismatches against the fp64 argmax.
 - "linear MxK->N": the decode-step GEMM, GB/s of weights read (from memory: calls rotate over copies
   that overflow the cache), against F.linear and a plain read of the same bytes (w.sum(): the
   machine's read bandwidth, so fastlm's share of it reads off the table).
@@ -202,6 +206,42 @@ def _make_linear(M, K, N):
     return make
 
 
+def _make_linear_argmax(M, K, N):
+    def make(device, dtype) -> Bound:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
+        w = (torch.randn(N, K, generator=g) * 0.02).to(device=device, dtype=dtype)
+        # weights from memory, as in a decode step: rotate over copies that overflow the cache
+        copies = [w] + [w.clone() for _ in range(max(0, -(-(512 << 20) // (w.numel() * w.element_size())) - 1))]
+        screens = [ops.LinearArgmaxScreen.build(c) for c in copies] if device.type == "cpu" and dtype == torch.float32 \
+            else None
+        turn = [0]
+
+        def rotating(fn):
+            def run():
+                turn[0] = (turn[0] + 1) % len(copies)
+                return fn(turn[0])
+            return run
+
+        impls = {"torch (F.linear + argmax)": rotating(lambda i: F.linear(x, copies[i]).argmax(-1)),
+                 "ops.linear + argmax": rotating(lambda i: ops.linear(x, copies[i]).argmax(-1)),
+                 # the op under test: through the int8 screen where it applies (CPU fp32)
+                 "fastlm": rotating(lambda i: ops.linear_argmax(x, copies[i],
+                                                                None if screens is None else screens[i]))}
+
+        def check():
+            # index mismatches against the fp64 argmax (0 expected: random rows have no near-ties)
+            oracle = reference.linear_argmax_fwd_ref(x, w, upcast=True)
+            return {label: float((fn() != oracle).sum()) for label, fn in
+                    [("torch (F.linear + argmax)", lambda: F.linear(x, w).argmax(-1)),
+                     ("ops.linear + argmax", lambda: ops.linear(x, w).argmax(-1)),
+                     ("fastlm", lambda: ops.linear_argmax(x, w, None if screens is None else screens[0]))]}
+
+        # bytes: the fp32 weight a full product reads (the screened kernel reads ~1/4 of it)
+        return Bound(impls, bytes=N * K * w.element_size(), check=check, baseline="torch (F.linear + argmax)")
+    return make
+
+
 # ---- the case list ----
 _GENERATE = [("gpt2", 1, 32, 64, True), ("gpt2", 8, 64, 32, True), ("gpt2", 64, 32, 32, False),
              ("gpt2-medium", 1, 32, 64, False), ("gpt2-medium", 8, 64, 32, False)]
@@ -232,3 +272,7 @@ for _M, _K, _N, _quick in [(1, 768, 2304, False), (1, 768, 50257, True), (1, 307
                            (8, 768, 50257, False), (1, 1024, 4096, False)]:
     register(Case(suite="generate", family="linear", name=f"linear {_M}x{_K}->{_N}", make=_make_linear(_M, _K, _N),
                   params={"M": _M, "K": _K, "N": _N}, quick=_quick))
+for _M in (1, 8):
+    register(Case(suite="generate", family="linear_argmax", name=f"linear_argmax {_M}x768->50257",
+                  make=_make_linear_argmax(_M, 768, 50257), params={"M": _M, "K": 768, "N": 50257},
+                  quick=_M == 1, devices=("cpu",)))

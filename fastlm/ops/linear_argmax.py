@@ -5,8 +5,8 @@ weights a step reads).
 `LinearArgmaxScreen.build(weight)` makes, once, an int8 copy of the weight with per-row scales and a
 per-row error bound; `linear_argmax(input, weight, screen)` scans the int8 copy, keeps the rows
 whose logit could still be the largest (the bound is rigorous: csrc/cpu/linear_argmax.cpp), and
-recomputes those exactly in fp32. The result equals `ops.linear(x[m:m+1], weight).argmax(-1)` bit
-for bit (AVX-512 CPUs) -- not an approximation. Without a screen, or off the C++ CPU path (CUDA,
+recomputes those exactly in fp32. The result equals `ops.linear(x[m:m+1], weight).argmax(-1)`, row
+by row, bit for bit -- not an approximation (CPUs without AVX-512 run exactly that). Without a screen, or off the C++ CPU path (CUDA,
 fp16/bf16, more than 16 rows), it is `ops.linear(input, weight).argmax(-1)`.
 """
 from __future__ import annotations
