@@ -89,6 +89,12 @@ def test_non_finite_values():
     assert torch.equal(got, torch.full((2,), 123))
     w[123, 7] = float("inf")
     check(torch.randn(2, 33, generator=g), w)
+    # an all-zero input row against an inf weight row: 0 * inf = NaN there, which wins (N under the
+    # candidate cap, so the screened path decides)
+    w2 = torch.randn(200, 33, generator=g)
+    w2[123, 7] = float("inf")
+    got = check(torch.cat([torch.zeros(1, 33), torch.randn(1, 33, generator=g)]), w2)
+    assert got[0] == 123
 
 
 @needs_cpu_kernel

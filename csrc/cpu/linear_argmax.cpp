@@ -169,6 +169,12 @@ struct Candidate {
   double a;  // the screened logit
 };
 
+// e_mn = ||x_m|| slack_n; a non-finite weight row (slack = inf) is always a candidate, x = 0 included
+// (0 * inf would be NaN and fail every comparison).
+inline double bound(double xnorm, float slack) {
+  return std::isinf(slack) ? std::numeric_limits<double>::infinity() : xnorm * static_cast<double>(slack);
+}
+
 struct RowState {
   double xnorm = 0.0;     // ||x_m||_2, padded up
   bool screened = true;   // false: the exact full product
@@ -184,7 +190,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_chunk(
   auto consider = [&](int64_t m, int64_t n, float acc) {
     if (!rows[m].screened) return;
     const double a = static_cast<double>(acc * scale[n]);
-    const double e = rows[m].xnorm * static_cast<double>(slack[n]);
+    const double e = bound(rows[m].xnorm, slack[n]);
     if (a - e > lo_max[m]) lo_max[m] = a - e;
     if (a + e >= lo_max[m]) cand.push_back({m, n, a});
   };
@@ -288,7 +294,7 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
     for (const auto& chunk : chunks)
       for (const auto& [m, n, a] : chunk.second) {
         if (!rows[m].screened) continue;
-        if (a + rows[m].xnorm * static_cast<double>(slp[n]) >= lo_max[m]) {
+        if (a + bound(rows[m].xnorm, slp[n]) >= lo_max[m]) {
           per_row[m].push_back(n);
           if (static_cast<int64_t>(per_row[m].size()) > cap) rows[m].screened = false;
         }
