@@ -60,6 +60,22 @@ def test_decode_attention_int64_lengths_and_scale(device, backend, dtype):
     assert_close("out", out, oracle, None, atol=2e-5)
 
 
+@pytest.mark.parametrize("device,backend,dtype", backend_params("decode_attention", dtypes=[torch.float32]))
+@pytest.mark.parametrize("D", [40, 64])
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")   # the Triton interpreter's numpy max
+def test_decode_attention_nan_propagates(device, backend, dtype, D):
+    """A NaN in a row's query or cache makes that row's output NaN (as torch's attention), never a
+    silent finite value; other rows are unaffected."""
+    q, k, v, L = _inputs(3, 4, 2, 40, D, [40, 33, 17], dtype, device)
+    q[0, 1, 3] = float("nan")          # row 0, head 1
+    k[1, 0, 20, 5] = float("nan")      # row 1, kv head 0 (heads 0, 1), inside its length
+    k[2, 0, 30, 5] = float("nan")      # row 2: past its length (17): never read
+    with fastlm.use_backend(backend):
+        out = ops.decode_attention(q, k, v, L)
+    assert out[0, 1].isnan().all() and out[1, :2].isnan().all()
+    assert torch.isfinite(out[0, [0, 2, 3]]).all() and torch.isfinite(out[1, 2:]).all() and torch.isfinite(out[2]).all()
+
+
 def test_decode_attention_matches_sdpa_on_prefix():
     """Against torch's own attention on each row's valid prefix (independent of the reference)."""
     q, k, v, L = _inputs(3, 6, 2, 19, 24, [4, 19, 11], torch.float64, "cpu")

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/exp512.h"
 #include "cpu/vec_utils.h"
 #include "cuda/attention_math.h"
 
@@ -211,23 +212,7 @@ void gemm512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, int64
   }
 }
 
-// exp(x) for x <= 0 (softmax arguments; -inf -> 0): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
-// degree-6 Taylor polynomial (relative error ~1e-7), scaled by 2^n with vscalefps (underflows to 0).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));  // exp(-127) underflows to 0 like exp(-inf)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+// exp512 (cpu/exp512.h): NaN -> 0, which the online softmax below relies on.
 
 // One forward block's online-softmax step for rows [0, bq) of S (row stride kBK, kBK columns, masked
 // entries already -inf): m_new = max(m, rowmax), S <- exp(S - m_new) (0 in rows that saw nothing yet),

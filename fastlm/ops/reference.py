@@ -82,7 +82,9 @@ def decode_attention_fwd_ref(query: Tensor, key_cache: Tensor, value_cache: Tens
     scores = torch.einsum("bkgd,bksd->bkgs", q, key_cache.to(ct)) * scale            # (B, Hkv, G, S)
     valid = torch.arange(S, device=query.device)[None, :] < cache_seqlens.to(query.device).long()[:, None]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)                                 # empty rows -> 0
+    p = torch.softmax(scores, dim=-1)
+    empty = (cache_seqlens.to(query.device) == 0)[:, None, None, None]
+    p = torch.where(empty, torch.zeros_like(p), p)                    # empty rows -> 0 (a NaN stays NaN)
     out = torch.einsum("bkgs,bksd->bkgd", p, value_cache.to(ct))
     return out.reshape(B, H, D).to(query.dtype)
 
