@@ -62,7 +62,7 @@ def test_decode_attention_int64_lengths_and_scale(device, backend, dtype):
 
 @pytest.mark.parametrize("device,backend,dtype", backend_params("decode_attention", dtypes=[torch.float32]))
 @pytest.mark.parametrize("D", [40, 64])
-@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")   # the Triton interpreter's numpy max
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the Triton interpreter runs NaN through numpy
 def test_decode_attention_nan_propagates(device, backend, dtype, D):
     """A NaN in a row's query or cache makes that row's output NaN (as torch's attention), never a
     silent finite value; other rows are unaffected."""
