@@ -302,6 +302,8 @@ bool attention_fwd_mma_launch(const at::Tensor& q, const at::Tensor& k, const at
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   if (major < 8) return false;  // mma.sync m16n8k16 with bf16, ldmatrix, cp.async: sm80+
+  // All instantiations of this file share its arch flags: one stands for them (attention_mma.cuh).
+  if (!mma_image_ok(reinterpret_cast<const void*>(&attn_fwd_mma_kernel<64, false>))) return false;
 
   MmaParams p{};
   p.q = static_cast<const uint16_t*>(q.data_ptr());

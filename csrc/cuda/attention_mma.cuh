@@ -1,7 +1,7 @@
 // Tensor-core helpers shared by the flash-attention forward (attention_mma.cu) and backward
 // (attention_mma_bwd.cu): fp16/bf16 mma.sync.m16n8k16 on raw 16-bit patterns, ldmatrix, cp.async and the
 // zero-filling shared-memory tile loader. The fragment layouts these rely on are written out at the top
-// of attention_mma.cu. Included only by .cu files compiled for sm80+.
+// of attention_mma.cu. Included only by .cu files (for pre-sm80 targets the helpers trap, see below).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <cuda_bf16.h>
@@ -9,6 +9,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+// cp.async and the bf16 / m16n8k16 mma need sm80. A pre-sm80 target in the arch list (setup.py honours
+// TORCH_CUDA_ARCH_LIST, e.g. "7.5") would make ptxas reject these files and so the whole build; for such a
+// target the helpers compile to a trap instead. Those images never run: the launchers decline devices
+// below sm80 and, through mma_image_ok, an image compiled from pre-sm80 PTX (JIT on a newer device).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FASTLM_MMA_PRE_SM80 1
+#else
+#define FASTLM_MMA_PRE_SM80 0
+#endif
 
 namespace fastlm::cuda::mma {
 
@@ -29,11 +39,15 @@ struct Dtype<false> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if FASTLM_MMA_PRE_SM80
+    __trap();
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -48,11 +62,15 @@ struct Dtype<true> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if FASTLM_MMA_PRE_SM80
+    __trap();
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -63,22 +81,38 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+#if FASTLM_MMA_PRE_SM80
+  __trap();
+  r[0] = r[1] = r[2] = r[3] = 0u;
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#if FASTLM_MMA_PRE_SM80
+  __trap();
+  r[0] = r[1] = r[2] = r[3] = 0u;
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
+#if FASTLM_MMA_PRE_SM80
+__device__ __forceinline__ void cp_async_16(void*, const void*) { __trap(); }
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() {}
+#else
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+#endif
 
 // Stage rows [r0, r0 + ROWS) of a (rows, D) slice with row stride `rs` into shared memory as a
 // ROWS x DP tile (row stride DP + kSmemPad), zero-filling rows >= rows and columns >= D, so padded
@@ -111,6 +145,18 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* src, i
       *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
     }
   }
+}
+
+// True when the image of `kernel` that runs on the current device was compiled for sm80+ (ptxVersion: its
+// virtual architecture, x10). False for an image JIT-compiled from pre-sm80 PTX (the trapping helpers
+// above) and when the build has no image for the device (that error is cleared: the caller falls back).
+inline bool mma_image_ok(const void* kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion >= 80;
 }
 
 // True when t (4-D, last dim contiguous) can be read as aligned 16-byte chunks of 8 elements per row.

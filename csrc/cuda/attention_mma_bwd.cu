@@ -504,6 +504,8 @@ bool attention_bwd_mma_launch(const at::Tensor& dout, const at::Tensor& q, const
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   if (major < 8) return false;  // mma.sync m16n8k16 with bf16, ldmatrix, cp.async: sm80+
+  // All instantiations of this file share its arch flags: one stands for them (attention_mma.cuh).
+  if (!mma_image_ok(reinterpret_cast<const void*>(&attn_bwd_dq_mma_kernel<64, false>))) return false;
 
   const int64_t B = q.size(0);
   const int64_t m_blocks = (q.size(2) + kBlockRows - 1) / kBlockRows;
