@@ -182,7 +182,8 @@ def test_cpu_avx2_fallback():
         pytest.skip("fastlm._C has no CPU attention kernels")
     env = {**os.environ, "FASTLM_CPU_NO_AVX512": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                        "(test_parity and cpu-cpu-float32) or test_broadcast_mask_is_not_materialized"],
+                        "(test_parity and cpu-cpu-float32) or test_broadcast_mask_is_not_materialized"
+                        " or test_nan_inputs_give_nan_rows_like_torch"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "deselected" in r.stdout, r.stdout[-2000:]
@@ -249,6 +250,21 @@ def test_fully_masked_rows_are_zero():
             out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])), backend
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the Triton interpreter runs NaN through numpy
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_inputs_give_nan_rows_like_torch(causal):
+    """A NaN in q (one row) or k (one key) makes exactly the rows torch makes NaN, never a silent finite
+    (or zero) output, on every backend here (test_cpu_avx2_fallback reruns it on the AVX2 path)."""
+    q, k, v = (torch.randn(1, 2, 70, 64) for _ in range(3))
+    q[0, 0, 5, 3] = float("nan")
+    k[0, 1, 40, 2] = float("nan")
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal).isnan()
+    for backend in fastlm.available_backends(OP, "cpu"):
+        with fastlm.use_backend(backend):
+            out = ops.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert torch.equal(out.isnan(), want), backend
 
 
 # (B, H, Hkv, Sq, Sk, D, D, mask kind, causal) for the tensor-core CUDA forward (Dv == D, its scope): head

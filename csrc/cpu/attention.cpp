@@ -126,6 +126,13 @@ void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, int
   if (j < N) gemm_rows<1>(M, K, A, lda, ak, B + j, ldb, C + j, ldc, acc);
 }
 
+// A forward row that met a NaN score: P = NaN (so O = NaN through P V), m = l = NaN; later blocks
+// keep it NaN (max(NaN, .) and exp(. - NaN) stay NaN), and the final scaling writes a NaN row.
+inline void nan_row(float* srow, int64_t n, float& m, float& l) {
+  std::fill(srow, srow + n, std::numeric_limits<float>::quiet_NaN());
+  m = l = std::numeric_limits<float>::quiet_NaN();
+}
+
 // ---- AVX-512 versions (compiled for avx512f with a target pragma, chosen at run time) ----
 // The extension is built for AVX2 (setup.py); on a CPU with AVX-512 the GEMMs and the softmax pass
 // run on 16-lane zmm registers: 2x the lanes per FMA, and 32 registers, so a 6 x 64 accumulator tile
@@ -212,7 +219,8 @@ void gemm512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, int64
   }
 }
 
-// exp512 (cpu/exp512.h): NaN -> 0, which the online softmax below relies on.
+// exp512<false> (cpu/exp512.h): a NaN score stays NaN, so a NaN in q/k/v/mask gives a NaN row, as in
+// torch (rows that saw nothing yet never reach exp: P = 0 below).
 
 // One forward block's online-softmax step for rows [0, bq) of S (row stride kBK, kBK columns, masked
 // entries already -inf): m_new = max(m, rowmax), S <- exp(S - m_new) (0 in rows that saw nothing yet),
@@ -224,10 +232,16 @@ void softmax_step512(float* S, int64_t bq, float* m, float* l, float* O, int64_t
     float* srow = S + r * kBK;
     __m512 x[NB];
     __m512 mx = _mm512_set1_ps(kNegInf);
+    __mmask16 nan = 0;
 #pragma GCC unroll 8
     for (int v = 0; v < NB; ++v) {
       x[v] = _mm512_loadu_ps(srow + v * 16);
       mx = _mm512_max_ps(mx, x[v]);
+      nan |= _mm512_cmp_ps_mask(x[v], x[v], _CMP_UNORD_Q);
+    }
+    if (nan) {  // a NaN score (NaN in the inputs): the row is NaN, as in torch
+      nan_row(srow, kBK, m[r], l[r]);
+      continue;
     }
     const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
     if (m_new == kNegInf) {  // nothing seen yet in this row: P = 0
@@ -239,7 +253,7 @@ void softmax_step512(float* S, int64_t bq, float* m, float* l, float* O, int64_t
     __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int v = 0; v < NB; ++v) {
-      const __m512 e = exp512(_mm512_sub_ps(x[v], vm));
+      const __m512 e = exp512<false>(_mm512_sub_ps(x[v], vm));
       _mm512_storeu_ps(srow + v * 16, e);
       sum = _mm512_add_ps(sum, e);
     }
@@ -478,6 +492,10 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         {
           for (int64_t r = 0; r < bq; ++r) {
             float* srow = S.data() + r * kBK;
+            if (std::any_of(srow, srow + bkp, [](float x) { return std::isnan(x); })) {
+              nan_row(srow, bkp, m[r], l[r]);  // a NaN score: the row is NaN, as in torch
+              continue;
+            }
             const float m_new = std::max(m[r], row_max(srow, bkp));
             if (m_new == kNegInf) {  // nothing seen yet in this row: P = 0
               std::fill(srow, srow + bkp, 0.f);
@@ -501,7 +519,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       for (int64_t r = 0; r < bq; ++r) {
         float* orow = O.data() + r * s.Dvp;
         const int64_t i = i0 + r;
-        if (l[r] > 0.f) {
+        if (l[r] > 0.f || std::isnan(l[r])) {  // (a NaN in the inputs: a NaN row, as torch)
           scale_row(orow, 1.f / l[r], s.Dvp);
           lp[bh * s.Sq + i] = m[r] + std::log(l[r]);
         } else {  // a row that sees no key: zeros, lse = -inf (as torch)

@@ -1,9 +1,8 @@
 // exp(x) on 16 fp32 lanes for softmax arguments (x <= 0), shared by the CPU attention and decode
 // attention kernels. Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial
 // (relative error ~1e-7), scaled by 2^n with vscalefps (exp(-127) and below underflow to 0).
-// kNanIsZero: a NaN lane gives 0 (attention.cpp's online softmax relies on it: exp(-inf - (-inf))
-// for a row that has seen no key yet); otherwise NaN propagates (decode attention: a NaN score must
-// make a NaN output, as torch's).
+// kNanIsZero: a NaN lane gives 0; otherwise (what the attention kernels use) NaN propagates: a NaN
+// score must make a NaN output, as torch's.
 #pragma once
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
