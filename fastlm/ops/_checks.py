@@ -29,6 +29,21 @@ def shape(op: str, name: str, t: Tensor, expected: tuple[int, ...]) -> None:
         raise ValueError(f"fastlm.ops.{op}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def input_and_weight(op: str, input, weight, min_out: int = 0) -> None:
+    """A linear layer's input (*, K) and weight (N, K), N >= min_out: tensors, shapes, same device and
+    dtype."""
+    tensor(op, "input", input)
+    tensor(op, "weight", weight)
+    if weight.dim() != 2 or weight.shape[0] < min_out:
+        raise ValueError(f"fastlm.ops.{op}: weight must be 2-D (out_features{f' >= {min_out}' if min_out else ''}, "
+                         f"in_features), got {tuple(weight.shape)}")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fastlm.ops.{op}: input's last dim must be weight's in_features {weight.shape[1]}, "
+                         f"got input of shape {tuple(input.shape)}")
+    same_device(op, "weight", weight, input)
+    same_dtype(op, "weight", weight, input)
+
+
 def rows(t: Tensor, n: int) -> Tensor:
     """View t as (M, n) rows with a contiguous last dim (copies only when it must)."""
     t2 = t.reshape(-1, n)

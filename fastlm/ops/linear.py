@@ -82,15 +82,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     input: (*, K); weight: (N, K); bias: (N,) or None; same dtype and device. Returns (*, N) in
     input's dtype. On CPU, up to 16 rows run fastlm's weight-streaming kernel (fp32 accumulation)."""
     op = OP
-    _checks.tensor(op, "input", input)
-    _checks.tensor(op, "weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"fastlm.ops.{op}: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
-    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fastlm.ops.{op}: input's last dim must be weight's in_features {weight.shape[1]}, "
-                         f"got input of shape {tuple(input.shape)}")
-    _checks.same_device(op, "weight", weight, input)
-    _checks.same_dtype(op, "weight", weight, input)
+    _checks.input_and_weight(op, input, weight)
     if bias is not None:
         _checks.tensor(op, "bias", bias)
         _checks.shape(op, "bias", bias, (weight.shape[0],))

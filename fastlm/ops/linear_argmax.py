@@ -97,16 +97,7 @@ def linear_argmax(input: Tensor, weight: Tensor, screen: LinearArgmaxScreen | No
     With a `screen` (LinearArgmaxScreen.build(weight)), float32 CPU inputs of at most 16 rows read
     the weight's int8 copy and recompute only the rows that can win, in fp32: the same index as
     the full product of each row alone (the first largest; NaN counts as the largest)."""
-    _checks.tensor(OP, "input", input)
-    _checks.tensor(OP, "weight", weight)
-    if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"fastlm.ops.{OP}: weight must be 2-D (out_features >= 1, in_features), "
-                         f"got {tuple(weight.shape)}")
-    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fastlm.ops.{OP}: input's last dim must be weight's in_features {weight.shape[1]}, "
-                         f"got input of shape {tuple(input.shape)}")
-    _checks.same_device(OP, "weight", weight, input)
-    _checks.same_dtype(OP, "weight", weight, input)
+    _checks.input_and_weight(OP, input, weight, min_out=1)
     if screen is not None:
         if not isinstance(screen, LinearArgmaxScreen):
             raise TypeError(f"fastlm.ops.{OP}: screen must be a LinearArgmaxScreen, got {type(screen).__name__}")
