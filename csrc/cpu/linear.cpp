@@ -10,7 +10,9 @@
 //   reach ~90 GFLOP/s per core with W in cache, what MKL's large sgemm reaches here).
 // - otherwise: each W row as one sequential stream against the input rows in blocks of 8/4/2/1
 //   with enough independent AVX2 accumulators to hide the FMA latency (one x load per FMA).
-// fp16/bf16 rows of W are converted to fp32 scratch first (second path); accumulation is fp32.
+// fp16/bf16 W: widened to fp32 as the AVX-512 tile loads it (half the bytes of fp32, so about twice
+// the rows per second); without AVX-512, each row is converted to fp32 scratch first (second path).
+// Accumulation is fp32.
 // Many rows (prefill): at::linear (BLAS), which is compute bound and already good there.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -88,14 +90,13 @@ inline void row_times_rows(const float* w, const float* x, int64_t ldx, int64_t 
 // Rows [n0, n1) of y for all M (<= 16) rows (fp32): tiles of NR W rows; for each, K in blocks of
 // kKBlock (the input rows' block stays in L1: 8 rows x 3072 floats would not) and, per block, the
 // input rows in blocks of 8/4/2/1 (the W tile's block stays in L1 across them).
-template <int NR>
-__attribute__((target("avx512f"))) void rows_avx512(const float* w, const float* x, int64_t M, int64_t K,
-                                                   int64_t N, const float* bias, float* y, int64_t n0,
-                                                   int64_t n1, int64_t kblock) {
+template <int NR, typename T>
+FASTLM_TILE_TARGET void rows_avx512(const T* w, const float* x, int64_t M, int64_t K, int64_t N, const float* bias,
+                                    T* y, int64_t n0, int64_t n1, int64_t kblock) {
   float out[16 * 4];
   auto block = [&](auto nr_tag, int64_t n) {
     constexpr int nr = decltype(nr_tag)::value;
-    const float* wn = w + n * K;
+    const T* wn = w + n * K;
     for (int i = 0; i < M * nr; ++i) out[i] = 0.f;
     for (int64_t k0 = 0; k0 < K; k0 += kblock) {
       const int64_t kk = std::min(kblock, K - k0);
@@ -112,7 +113,7 @@ __attribute__((target("avx512f"))) void rows_avx512(const float* w, const float*
       if (M - m == 1) tile_avx512<1, nr, 2>(wn + k0, K, x + m * K + k0, K, kk, out + m * nr);
     }
     for (int64_t i = 0; i < M; ++i)
-      for (int r = 0; r < nr; ++r) y[i * N + n + r] = out[i * nr + r] + bias[n + r];
+      for (int r = 0; r < nr; ++r) y[i * N + n + r] = static_cast<T>(out[i * nr + r] + bias[n + r]);
   };
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) block(std::integral_constant<int, NR>{}, n);
@@ -139,7 +140,7 @@ void linear_few_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor*
   const T* wp = w.data_ptr<T>();
   T* yp = y.data_ptr<T>();
 #if defined(__x86_64__) || defined(_M_X64)
-  if constexpr (std::is_same_v<T, float>) {
+  {  // fp32, bf16, fp16 weights (widened in the tile)
     if (has_avx512()) {
       constexpr int64_t NR = 3;
       // K blocks of 512 for several rows (measured one thread, W from memory: 8 rows x K=3072

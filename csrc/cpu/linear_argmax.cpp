@@ -158,7 +158,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_q8(const i
 #pragma GCC diagnostic pop
 
 // linear_fwd's logit for one input row and one W row (the arithmetic of its M == 1 AVX-512 path).
-__attribute__((target("avx512f"))) float exact_logit(const float* w, const float* x, int64_t K) {
+FASTLM_TILE_TARGET float exact_logit(const float* w, const float* x, int64_t K) {
   float out = 0.f;
   tile_avx512<1, 1, 2>(w, K, x, K, K, &out);
   return out + 0.f;  // linear_fwd adds the (zero) bias

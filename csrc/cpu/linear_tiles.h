@@ -4,6 +4,8 @@
 // value for a W row whatever NR).
 #pragma once
 #if defined(__x86_64__) || defined(_M_X64)
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -14,13 +16,36 @@ namespace fastlm::cpu {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FASTLM_TILE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// 16 W values from p as fp32 (all 16, or the lanes of msk; no read past them): fp32 as is, bf16 by
+// a 16-bit shift, fp16 by vcvtph2ps (both exact).
+FASTLM_TILE_TARGET inline __m512 load_w16(const float* p) { return _mm512_loadu_ps(p); }
+FASTLM_TILE_TARGET inline __m512 load_w16(const float* p, __mmask16 msk) { return _mm512_maskz_loadu_ps(msk, p); }
+FASTLM_TILE_TARGET inline __m512 bf16_to_ps(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+FASTLM_TILE_TARGET inline __m512 load_w16(const c10::BFloat16* p) {
+  return bf16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+FASTLM_TILE_TARGET inline __m512 load_w16(const c10::BFloat16* p, __mmask16 msk) {
+  return bf16_to_ps(_mm256_maskz_loadu_epi16(msk, p));
+}
+FASTLM_TILE_TARGET inline __m512 load_w16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+FASTLM_TILE_TARGET inline __m512 load_w16(const c10::Half* p, __mmask16 msk) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, p));
+}
+
 // AVX-512 register tile: NR W rows x MR input rows, 16 k per step, MR * NR * U accumulators
 // (<= 24 of the 32 zmm registers); W and x are each loaded once per tile step and reused from
 // registers (linear.cpp's single-W-row AVX2 kernel needs one x load per FMA: load bound at 8 rows).
-// Compiled for avx512f by attribute; callers check cpu_use_avx512() at run time.
-template <int MR, int NR, int U>
-__attribute__((target("avx512f"))) inline void tile_avx512(const float* w, int64_t ldw, const float* x,
-                                                          int64_t ldx, int64_t K, float* out /* [MR][NR], += */) {
+// W is fp32, bf16 or fp16 (widened to fp32 as loaded), x fp32, accumulation fp32. Compiled for
+// AVX-512 by attribute; callers check cpu_use_avx512() at run time.
+template <int MR, int NR, int U, typename WT = float>
+FASTLM_TILE_TARGET inline void tile_avx512(const WT* w, int64_t ldw, const float* x, int64_t ldx, int64_t K,
+                                           float* out /* [MR][NR], += */) {
   __m512 acc[MR][NR][U];
 #pragma GCC unroll 64
   for (int m = 0; m < MR; ++m)
@@ -34,7 +59,7 @@ __attribute__((target("avx512f"))) inline void tile_avx512(const float* w, int64
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) wv[r][u] = _mm512_loadu_ps(w + r * ldw + k + 16 * u);
+      for (int u = 0; u < U; ++u) wv[r][u] = load_w16(w + r * ldw + k + 16 * u);
     // Prefetch the next tile's W rows (contiguous after this tile's), a line per row and step: the
     // DRAM latency hides behind this tile's FMAs (measured 2x at 8 rows; prefetching past the end
     // of W is harmless).
@@ -59,7 +84,7 @@ __attribute__((target("avx512f"))) inline void tile_avx512(const float* w, int64
     const __mmask16 msk = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
     __m512 wv[NR];
 #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(msk, w + r * ldw + k);
+    for (int r = 0; r < NR; ++r) wv[r] = load_w16(w + r * ldw + k, msk);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(msk, x + m * ldx + k);
