@@ -15,8 +15,8 @@ SHAPES = [((1,), 7, 5), ((1,), 768, 130), ((2,), 33, 65), ((3,), 100, 129), ((2,
           ((5,), 1, 3), ((17,), 33, 9), ((3, 11), 24, 31),
           # every row block of the register-tiled kernel (8+4+2+1 rows), K tails (< 16, 16 + 3), N % 3
           ((15,), 19, 301), ((7,), 35, 4),
-          # several K blocks of 512 (the last one with a masked tail)
-          ((9,), 1100, 67)]
+          # K up to 4096 unblocked; beyond, several K blocks of 512 (the last one with a masked tail)
+          ((9,), 1100, 67), ((9,), 4200, 37)]
 if FULL:
     SHAPES += [((1,), 4096, 11008), ((8,), 768, 50257), ((512,), 1024, 4096)]
 
