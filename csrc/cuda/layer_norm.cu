@@ -273,16 +273,18 @@ __global__ void __launch_bounds__(1024) layer_norm_bwd_looped_kernel(const T* __
   }
 }
 
-// Column sums of the (slots, N) fp32 partials in two deterministic stages that fill the GPU.
-// Stage 1 (column_slice_kernel), grid (ceil(N / 32), slices): block (x, s) sums slots
-// [s * per, (s + 1) * per) of 32 columns (8 slot-lanes, loads unrolled) into stage[s, col]; stage 2
-// (column_sum_kernel) sums the slices in order. One stage alone launched only N / 32 blocks: at
-// 32768 x 768 bf16 on the H100, 24 blocks read 26 MB of partials, most of the 0.43 ms backward
-// (torch: 0.21 ms); the split is not yet measured on a GPU.
+// Column sums of the (slots, N) fp32 partials in two deterministic stages that fill the GPU, both
+// column_sum_kernel: block (x, y) sums slots [y * per, (y + 1) * per) of columns [32 x, 32 x + 32)
+// (8 slot-lanes, loads unrolled, then a shared-memory reduction) into out[y, col]. Stage 1: grid
+// (ceil(N / 32), slices) into an fp32 (slices, N) buffer; stage 2: grid (ceil(N / 32), 1) over the
+// slices into dweight/dbias. One stage alone launched only N / 32 blocks: at 32768 x 768 bf16 on the
+// H100, 24 blocks read 26 MB of partials, most of the 0.43 ms backward (torch: 0.21 ms); the split
+// is not yet measured on a GPU.
 constexpr int kColumnSlices = 64;
 
-__global__ void column_slice_kernel(const float* __restrict__ part, float* __restrict__ stage, int64_t slots,
-                                    int64_t per, int N) {
+template <typename OutT>
+__global__ void column_sum_kernel(const float* __restrict__ part, OutT* __restrict__ out, int64_t slots, int64_t per,
+                                  int N) {
   __shared__ float smem[8][33];
   const int col = blockIdx.x * 32 + threadIdx.x;
   const int64_t g0 = static_cast<int64_t>(blockIdx.y) * per;
@@ -298,26 +300,7 @@ __global__ void column_slice_kernel(const float* __restrict__ part, float* __res
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) sum += smem[i][threadIdx.x];
-    stage[static_cast<int64_t>(blockIdx.y) * N + col] = sum;
-  }
-}
-
-// out[c] = sum_g part[g, c]: 32 columns x 8 slot-lanes per block, then a shared-memory reduction.
-template <typename T>
-__global__ void column_sum_kernel(const float* __restrict__ part, T* __restrict__ out, int64_t slots, int N) {
-  __shared__ float smem[8][33];
-  const int col = blockIdx.x * 32 + threadIdx.x;
-  float acc = 0.f;
-  if (col < N) {
-    for (int64_t g = threadIdx.y; g < slots; g += 8) acc += part[g * N + col];
-  }
-  smem[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < N) {
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) s += smem[i][threadIdx.x];
-    out[col] = static_cast<T>(s);
+    out[static_cast<int64_t>(blockIdx.y) * N + col] = static_cast<OutT>(sum);
   }
 }
 
@@ -497,12 +480,12 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* weigh
     const int cgrid = (N + 31) / 32;
     const dim3 sgrid(cgrid, static_cast<unsigned>(slices));
     if (need_dw) {
-      column_slice_kernel<<<sgrid, block, 0, stream>>>(dwp, sw, slots, per, N);
-      column_sum_kernel<T><<<cgrid, block, 0, stream>>>(sw, static_cast<T*>(dweight.data_ptr()), slices, N);
+      column_sum_kernel<float><<<sgrid, block, 0, stream>>>(dwp, sw, slots, per, N);
+      column_sum_kernel<T><<<cgrid, block, 0, stream>>>(sw, static_cast<T*>(dweight.data_ptr()), slices, slices, N);
     }
     if (need_db) {
-      column_slice_kernel<<<sgrid, block, 0, stream>>>(dbp, sb, slots, per, N);
-      column_sum_kernel<T><<<cgrid, block, 0, stream>>>(sb, static_cast<T*>(dbias.data_ptr()), slices, N);
+      column_sum_kernel<float><<<sgrid, block, 0, stream>>>(dbp, sb, slots, per, N);
+      column_sum_kernel<T><<<cgrid, block, 0, stream>>>(sb, static_cast<T*>(dbias.data_ptr()), slices, slices, N);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
