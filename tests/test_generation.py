@@ -295,6 +295,8 @@ def test_cpp_layer_loop_checks_its_inputs(hf_small):
         op(x, h, w, cache.k, cache.v, idx, lens, 0.125, "tanh", eps[:1])
     with pytest.raises(RuntimeError, match="approximate"):
         op(x, h, w, cache.k, cache.v, idx, lens, 0.125, "fast", eps)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(x, h, w, cache.k.double(), cache.v.double(), idx, lens, 0.125, "tanh", eps)
     with pytest.raises(RuntimeError, match="weights\\[3\\]"):
         op(x, h, w[:3] + [w[3].double()] + w[4:], cache.k, cache.v, idx, lens, 0.125, "tanh", eps)
 
