@@ -177,14 +177,15 @@ def test_column_major_weights_are_not_copied(monkeypatch):
     """The functional API hands a column-major weight to the op as it is (the same storage), and makes
     contiguous only layouts the kernels do not take (here: a strided slice)."""
     seen = []
-    real = torch.ops.fastlm.gelu_ffn_fwd
+    import sys
+    mod = sys.modules["fastlm.ops.gelu_ffn"]   # (fastlm.ops.gelu_ffn is the function)
+    real = mod._run_gelu_ffn_fwd               # what the op and the eager-inference path both run
 
     def spy(x, w1, b1, w2, b2, approximate, save_pre):
         seen.append((w1, w2))
         return real(x, w1, b1, w2, b2, approximate, save_pre)
 
-    import sys
-    monkeypatch.setattr(sys.modules["fastlm.ops.gelu_ffn"], "gelu_ffn_fwd", spy)   # (fastlm.ops.gelu_ffn is the function)
+    monkeypatch.setattr(mod, "_run_gelu_ffn_fwd", spy)
     x = torch.randn(3, 16)
     c_fc, c_proj = torch.randn(16, 40), torch.randn(40, 16)
     ops.gelu_ffn(x, c_fc.t(), None, c_proj.t(), None, "tanh")

@@ -16,3 +16,13 @@ def kernel_impl(backend: str, name: str, triton_module: str):
     if backend in ("cpu", "cuda"):
         return getattr(torch.ops.fastlm_C, name)
     return getattr(importlib.import_module(f"fastlm.kernels.{triton_module}"), name)
+
+
+def eager_inference(*tensors) -> bool:
+    """Whether a forward may call its kernel directly instead of through its torch.library op: eager
+    (not under torch.compile), plain tensors (no subclasses: fake tensors go through the op), and no
+    gradient needed. The custom-op wrapper costs tens of microseconds a call, and its first call in a
+    process imports torch._dynamo (0.8-0.9 s measured here, torch 2.14)."""
+    first = next((t for t in tensors if t is not None), None)
+    return (type(first) is torch.Tensor and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
-from fastlm.ops._impl import kernel_impl
+from fastlm.ops._impl import eager_inference, kernel_impl
 
 OP = "scaled_dot_product_attention"
 _CPP_OPS = ("attention_fwd", "attention_bwd")
@@ -59,13 +59,17 @@ def _bwd_impl(backend: str):
     return kernel_impl(backend, "attention_bwd", "attention")
 
 
+def _run_fwd(q, k, v, mask, scale, is_causal, dropout_p, rng):
+    backend = backends.select(OP, q.device, _supports(q, k, v, mask, dropout_p))
+    out, lse = _fwd_impl(backend)(q, k, v, mask, scale, is_causal, dropout_p, rng)
+    return out, lse
+
+
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
                   dropout_p: float, rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """-> out (B, H, Sq, Dv) in q.dtype, lse (B, H, Sq) fp32; see reference.attention_fwd_ref."""
-    backend = backends.select(OP, q.device, _supports(q, k, v, mask, dropout_p))
-    out, lse = _fwd_impl(backend)(q, k, v, mask, scale, is_causal, dropout_p, rng)
-    return out, lse
+    return _run_fwd(q, k, v, mask, scale, is_causal, dropout_p, rng)
 
 
 @attention_fwd.register_fake
@@ -228,6 +232,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     dropout_p = float(dropout_p)
     if dropout_p > 0.0:
         rng = torch.randint(0, 2**62, (2,), dtype=torch.int64)
-    out, _ = attention_fwd(q, k, v, mask, scale, bool(is_causal), dropout_p, rng)
+    # eager inference: the kernel directly (the custom-op wrapper is for autograd and torch.compile)
+    fwd = _run_fwd if eager_inference(q, k, v, mask) else attention_fwd
+    out, _ = fwd(q, k, v, mask, scale, bool(is_causal), dropout_p, rng)
     out = out.view(batch + (H, Sq, value.shape[-1]))
     return out.squeeze(0) if squeeze else out

@@ -18,7 +18,7 @@ from torch import Tensor
 from fastlm import backends
 from fastlm.ops import _checks
 from fastlm.ops._checks import column_major as _column_major
-from fastlm.ops._impl import kernel_impl
+from fastlm.ops._impl import eager_inference, kernel_impl
 
 OP_LINEAR_GELU, OP_GELU_FFN = "linear_gelu", "gelu_ffn"
 APPROXIMATE = ("none", "tanh")
@@ -51,12 +51,16 @@ def _impl(backend: str, name: str):
 
 # ---- linear_gelu ----
 
+def _run_linear_gelu_fwd(x, weight, bias, approximate, save_pre):
+    backend = backends.select(OP_LINEAR_GELU, x.device, _supports(x, (weight, bias)))
+    return tuple(_impl(backend, "linear_gelu_fwd")(x, weight, bias, approximate, save_pre))
+
+
 @torch.library.custom_op("fastlm::linear_gelu_fwd", mutates_args=())
 def linear_gelu_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
                     save_pre: bool) -> tuple[Tensor, Tensor]:
     """x (M, K), weight (N, K), bias (N,)? -> (out (M, N), pre (M, N) or (0, N)); see reference."""
-    backend = backends.select(OP_LINEAR_GELU, x.device, _supports(x, (weight, bias)))
-    return tuple(_impl(backend, "linear_gelu_fwd")(x, weight, bias, approximate, save_pre))
+    return _run_linear_gelu_fwd(x, weight, bias, approximate, save_pre)
 
 
 @linear_gelu_fwd.register_fake
@@ -131,6 +135,10 @@ def gelu_ffn_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_
                  fc2_bias: Optional[Tensor], approximate: str, save_pre: bool) -> tuple[Tensor, Tensor]:
     """x (M, K), fc1_weight (F, K), fc1_bias (F,)?, fc2_weight (N, F), fc2_bias (N,)?
     -> (out (M, N), pre (M, F) or (0, F)); see reference."""
+    return _run_gelu_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, save_pre)
+
+
+def _run_gelu_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, save_pre):
     backend = backends.select(OP_GELU_FFN, x.device, _supports(x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias)))
     return tuple(_impl(backend, "gelu_ffn_fwd")(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, save_pre))
 
@@ -230,7 +238,10 @@ def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, ap
     w = _weight(op, "weight", weight, input, input.shape[-1], "input")
     b = _bias(op, "bias", bias, input, w.shape[0])
     x = _checks.rows(input, input.shape[-1])
-    out, _ = linear_gelu_fwd(x, w, b, approximate, _needs_grad(input, weight, bias))
+    if eager_inference(x, w, b):  # the kernel directly (the custom-op wrapper: autograd, torch.compile)
+        out, _ = _run_linear_gelu_fwd(x, w, b, approximate, False)
+    else:
+        out, _ = linear_gelu_fwd(x, w, b, approximate, _needs_grad(input, weight, bias))
     return out.view(*input.shape[:-1], w.shape[0])
 
 
@@ -250,6 +261,9 @@ def gelu_ffn(input: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_
     w2 = _weight(op, "fc2_weight", fc2_weight, input, w1.shape[0], "fc1_weight's output")
     b2 = _bias(op, "fc2_bias", fc2_bias, input, w2.shape[0])
     x = _checks.rows(input, input.shape[-1])
-    save_pre = _needs_grad(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    out, _ = gelu_ffn_fwd(x, w1, b1, w2, b2, approximate, save_pre)
+    if eager_inference(x, w1, b1, w2, b2):  # the kernel directly (the wrapper: autograd, torch.compile)
+        out, _ = _run_gelu_ffn_fwd(x, w1, b1, w2, b2, approximate, False)
+    else:
+        out, _ = gelu_ffn_fwd(x, w1, b1, w2, b2, approximate, _needs_grad(input, fc1_weight, fc1_bias, fc2_weight,
+                                                                           fc2_bias))
     return out.view(*input.shape[:-1], w2.shape[0])
