@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
-from fastlm.ops._impl import kernel_impl
+from fastlm.ops._impl import eager_inference, kernel_impl
 
 OP_LAYER_NORM, OP_ADD_LAYER_NORM = "layer_norm", "add_layer_norm"
 _CPP_OPS = ("layer_norm_fwd", "layer_norm_bwd")
@@ -64,9 +64,7 @@ def _forward(x, residual, weight, bias, eps):
     """The forward op, or -- in eager inference on plain tensors -- its implementation called directly:
     the custom-op wrapper costs tens of microseconds a call, a visible share of a small LayerNorm.
     Autograd, torch.compile and tensor subclasses (fake tensors) always go through the op."""
-    tensors = (x, residual, weight, bias)
-    if (type(x) is Tensor and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
+    if eager_inference(x, residual, weight, bias):
         return _run_fwd(x, residual, weight, bias, eps)
     return layer_norm_fwd(x, residual, weight, bias, eps)
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
+from fastlm.ops._impl import eager_inference
 
 OP = "linear"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,8 +93,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     x2 = _checks.rows(input, K)
     w = weight if weight.is_contiguous() else weight.contiguous()
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    if not grad and not torch.compiler.is_compiling():
+    if eager_inference(x2, w, b):
         # Inference: call the chosen backend directly, skipping the custom-op wrapper (tens of
         # microseconds a call: a visible share of a CPU decode step of ~50 linears).
         y = _run(x2, w, b)
