@@ -51,6 +51,10 @@ TORCH_LIBRARY(fastlm_C, m) {
   // screening weight with its int8 copy (qweight, scale, slack from linear_argmax_screen). -> (M,) int64.
   m.def("linear_argmax_screen(Tensor weight) -> (Tensor qweight, Tensor scale, Tensor slack)");
   m.def("linear_argmax_fwd(Tensor x, Tensor weight, Tensor qweight, Tensor scale, Tensor slack) -> Tensor");
+  // [decode] Logits for top-k sampling through the same screen: (M, N) fp32, each entry the exact logit
+  // or -inf, every logit >= the row's k-th largest exact.
+  m.def("linear_topk_logits_fwd(Tensor x, Tensor weight, Tensor qweight, Tensor scale, Tensor slack, int k)"
+        " -> Tensor");
   // [gelu_ffn] out = gelu(x @ weight^T + bias): x (M, K), weight (N, K), bias (N,)?; approximate
   // "none" (erf) or "tanh". pre = x @ weight^T + bias (M, N) when save_pre, else (0, N).
   m.def("linear_gelu_fwd(Tensor x, Tensor weight, Tensor? bias, str approximate, bool save_pre)"

@@ -255,7 +255,10 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     # Greedy on CPU: prefill and decode steps return their argmax tokens (ops.linear_argmax over the
     # LM head's int8 screen: the same tokens, ~1/4 of the head's bytes read).
     step_picks = not do_sample and device.type == "cpu"
-    first = native.prefill(input_ids, cache, pad_counts, greedy=step_picks)
+    # Top-k sampling on CPU: the head's logits through the same screen, exact wherever a row's top-k can
+    # be and -inf elsewhere (ops.linear_topk_logits): pick() then draws what it draws on full logits.
+    topk = min(top_k, c.vocab_size) if do_sample and top_k > 0 and device.type == "cpu" else 0
+    first = native.prefill(input_ids, cache, pad_counts, greedy=step_picks, topk=topk)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     out = [input_ids]
@@ -283,7 +286,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                 graph.capture()
                 step = graph
             else:
-                step = lambda t: native.decode_step(t, cache, greedy=step_picks)  # noqa: E731
+                step = lambda t: native.decode_step(t, cache, greedy=step_picks, topk=topk)  # noqa: E731
         if threads is None:
             out_step = step(tokens)
         else:

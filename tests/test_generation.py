@@ -301,6 +301,21 @@ def test_cpp_layer_loop_checks_its_inputs(hf_small):
         op(x, h, w[:3] + [w[3].double()] + w[4:], cache.k, cache.v, idx, lens, 0.125, "tanh", eps)
 
 
+@pytest.mark.parametrize("kw", [dict(top_k=20), dict(top_k=50, top_p=0.9, temperature=0.7)])
+def test_topk_sampling_through_the_screen_draws_the_same_tokens(hf_small, monkeypatch, kw):
+    """CPU top-k sampling reads the head through its int8 screen (ops.linear_topk_logits): at batch 1
+    the tokens equal those drawn from the full logits (the screen off), seed for seed."""
+    model = GPT2.from_hf(hf_small)
+    ids = torch.randint(1, hf_small.config.vocab_size, (1, 7))
+    runs = []
+    for screened in (True, False):
+        if not screened:
+            monkeypatch.setattr(GPT2, "head_screen", lambda self: None)
+        g = torch.Generator().manual_seed(3)
+        runs.append(fastlm.generate(model, ids, max_new_tokens=24, do_sample=True, generator=g, **kw))
+    assert runs[0].tolist() == runs[1].tolist()
+
+
 def test_greedy_decode_step_matches_logits_argmax(hf_small):
     """decode_step(greedy=True) (CPU fp32: the LM head's int8 screen, ops.linear_argmax) returns each
     row's argmax of decode_step's logits, step after step; the screen is built once and rebuilt when

@@ -159,3 +159,75 @@ def test_stale_screen_and_bad_inputs():
         torch.ops.fastlm_C.linear_argmax_fwd(x, w, s.qweight, s.scale, s.slack[:3])
     with pytest.raises(RuntimeError, match="at most 16"):
         torch.ops.fastlm_C.linear_argmax_fwd(torch.randn(17, 16), w, s.qweight, s.scale, s.slack)
+
+
+# ---- linear_topk_logits ----
+
+def _topk_masked(logits, k):
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def check_topk(x, w, k):
+    """Keeping the k largest of linear_topk_logits gives, bit for bit, what it gives on each row's
+    full product; every finite entry is that exact logit."""
+    screen = LinearArgmaxScreen.build(w)
+    with fastlm.use_backend("cpu"):
+        got = ops.linear_topk_logits(x, w, k, screen)
+    full = torch.stack([ops.linear(x[m:m + 1], w)[0] for m in range(x.shape[0])])
+    assert got.shape == full.shape and got.dtype == torch.float32
+    kk = min(k, w.shape[0])
+    same = dict(rtol=0, atol=0, equal_nan=True)   # bit for bit, NaN == NaN
+    torch.testing.assert_close(_topk_masked(got, kk), _topk_masked(full, kk), **same)
+    fin = ~torch.isneginf(got)
+    torch.testing.assert_close(got[fin], full[fin], **same)
+    return got
+
+
+def _screens_here() -> bool:
+    """The screened kernel runs (AVX-512 and not forced off); else linear_fwd per row (all exact)."""
+    import os
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and os.environ.get("FASTLM_CPU_NO_AVX512") != "1"
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("M", [1, 3, 8, 16])
+@pytest.mark.parametrize("K,N,k", [(768, 4099, 50), (70, 1001, 1), (33, 130, 129), (33, 130, 130), (16, 300, 7)])
+def test_topk_logits_match_full_product(M, K, N, k):
+    g = torch.Generator().manual_seed(M * 100 + K + N + k)
+    got = check_topk(torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02, k)
+    if k < N // 4 and _screens_here():   # the screen did screen: most entries -inf
+        assert torch.isneginf(got).float().mean() > 0.5
+
+
+@needs_cpu_kernel
+def test_topk_logits_ties_cap_and_non_finite():
+    g = torch.Generator().manual_seed(9)
+    row = torch.randn(1, 40, generator=g)
+    check_topk(torch.randn(2, 40, generator=g), row.repeat(1000, 1), 5)          # all tied: past the cap
+    w = torch.randn(2000, 40, generator=g) * 0.01
+    w[[10, 500, 1999]] = row * 5
+    check_topk(row.repeat(2, 1), w, 2)                                            # ties at the k-th value
+    x = torch.randn(3, 40, generator=g)
+    x[1, 3] = float("nan")                                                        # full row, NaN logits
+    got = check_topk(x, w, 10)
+    assert got[1].isnan().all()
+
+
+@needs_cpu_kernel
+def test_topk_logits_fallbacks_and_errors():
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(300, 24, generator=g)
+    x = torch.randn(2, 24, generator=g)
+    screen = LinearArgmaxScreen.build(w)
+    assert torch.equal(ops.linear_topk_logits(x, w, 5), ops.linear(x, w))        # no screen: the full product
+    with fastlm.use_backend("reference"):
+        assert torch.equal(ops.linear_topk_logits(x, w, 5, screen), ops.linear(x, w))
+    with pytest.raises(ValueError, match="k must be"):
+        ops.linear_topk_logits(x, w, 0, screen)
+    with pytest.raises(ValueError, match="another weight"):
+        ops.linear_topk_logits(x, torch.randn(300, 24), 5, screen)
+    with pytest.raises(RuntimeError, match="k must be"):
+        torch.ops.fastlm_C.linear_topk_logits_fwd(x, w, screen.qweight, screen.scale, screen.slack, 0)
+    from fastlm.ops.linear_argmax import linear_topk_logits_fwd
+    torch.library.opcheck(linear_topk_logits_fwd, (x, w, screen.qweight, screen.scale, screen.slack, 3))

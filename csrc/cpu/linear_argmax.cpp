@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -102,6 +103,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_argmax_screen_cpu(const at
     }
   });
   return {q, scale, slack};
+}
+
+// The checks both screened ops make (x fp32 (M <= 16, K), weight (N, K), its screen).
+void check_screened_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight,
+                         const at::Tensor& scale, const at::Tensor& slack, const char* op) {
+  check_rows(x, op, "input");
+  check_rows(weight, op, "weight");
+  check_same(weight, x, op, "weight");
+  FASTLM_CHECK(x.scalar_type() == at::kFloat, op, "input must be float32, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  FASTLM_CHECK(weight.size(1) == K, op, "weight has ", weight.size(1), " input features, input has ", K);
+  FASTLM_CHECK(N > 0, op, "weight must have at least one row");
+  FASTLM_CHECK(M <= kMaxRows, op, "input has ", M, " rows; at most ", kMaxRows, " (use linear)");
+  FASTLM_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.size(0) == N &&
+                   qweight.size(1) == K && qweight.is_contiguous() && qweight.device() == x.device(),
+               op, "qweight must be a contiguous int8 (", N, ", ", K, ") tensor from linear_argmax_screen(weight)");
+  check_vector(scale, N, x, op, "scale");
+  check_vector(slack, N, x, op, "slack");
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -180,20 +199,13 @@ struct RowState {
   bool screened = true;   // false: the exact full product
 };
 
-// Candidates (m, n) of one chunk of W rows [n0, n1): a_mn + e_mn >= the chunk's running max of
-// a - e (a superset of the final candidates); the chunk's max of a - e per row in lo_max.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_chunk(
-    const int8_t* q, const float* scale, const float* slack, const float* x, int64_t M, int64_t K, int64_t n0,
-    int64_t n1, const std::vector<RowState>& rows, std::vector<double>& lo_max,
-    std::vector<Candidate>& cand) {
+// The int8 tiles of W rows [n0, n1) against all M input rows: emit(m, n, sum_k x[m][k] q[n][k]) for
+// every pair (the caller scales by scale[n]).
+template <class Emit>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_tiles(const int8_t* q, const float* x, int64_t M,
+                                                                      int64_t K, int64_t n0, int64_t n1,
+                                                                      const Emit& consider) {
   float out[8 * 4];
-  auto consider = [&](int64_t m, int64_t n, float acc) {
-    if (!rows[m].screened) return;
-    const double a = static_cast<double>(acc * scale[n]);
-    const double e = bound(rows[m].xnorm, slack[n]);
-    if (a - e > lo_max[m]) lo_max[m] = a - e;
-    if (a + e >= lo_max[m]) cand.push_back({m, n, a});
-  };
   auto tile = [&](auto nr_tag, int64_t n) {
     constexpr int nr = decltype(nr_tag)::value;
     const int8_t* qn = q + n * K;
@@ -229,7 +241,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_chunk(
   }
   for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
 }
-#endif
 
 // torch.argmax's order: the first NaN, else the first largest.
 inline bool better(float v, int64_t n, float best, int64_t best_n) {
@@ -239,21 +250,33 @@ inline bool better(float v, int64_t n, float best, int64_t best_n) {
   return v > best || (v == best && n < best_n);
 }
 
+// The input rows as fp32 (M x K) and each row's ||x||_2 (padded up; not finite: not screened).
+void screened_rows(const at::Tensor& x, std::vector<float>& xf, std::vector<RowState>& rows) {
+  const int64_t M = x.size(0), K = x.size(1);
+  xf.resize(M * K);
+  rows.assign(M, RowState{});
+  for (int64_t m = 0; m < M; ++m) row_to_float(x.data_ptr<float>() + m * x.stride(0), xf.data() + m * K, K);
+  for (int64_t m = 0; m < M; ++m) {
+    double s2 = 0.0;
+    for (int64_t k = 0; k < K; ++k) s2 += static_cast<double>(xf[m * K + k]) * xf[m * K + k];
+    rows[m].xnorm = std::sqrt(s2) * (1.0 + 1e-12);
+    rows[m].screened = std::isfinite(rows[m].xnorm);
+  }
+}
+
+// linear_fwd's logits of input row m alone (its one-row arithmetic), into out (N floats).
+void exact_row(const float* wp, const float* xm, int64_t N, int64_t K, float* out) {
+  parallel_range(0, N, std::max<int64_t>(1, (int64_t(1) << 14) / K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) out[n] = exact_logit(wp + n * K, xm, K);
+  });
+}
+
+#endif
+
 at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight,
                                  const at::Tensor& scale, const at::Tensor& slack) {
-  check_rows(x, kOp, "input");
-  check_rows(weight, kOp, "weight");
-  check_same(weight, x, kOp, "weight");
-  FASTLM_CHECK(x.scalar_type() == at::kFloat, kOp, "input must be float32, got ", x.scalar_type());
+  check_screened_args(x, weight, qweight, scale, slack, kOp);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  FASTLM_CHECK(weight.size(1) == K, kOp, "weight has ", weight.size(1), " input features, input has ", K);
-  FASTLM_CHECK(N > 0, kOp, "weight must have at least one row");
-  FASTLM_CHECK(M <= kMaxRows, kOp, "input has ", M, " rows; at most ", kMaxRows, " (use linear + argmax)");
-  FASTLM_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.size(0) == N &&
-                   qweight.size(1) == K && qweight.is_contiguous() && qweight.device() == x.device(),
-               kOp, "qweight must be a contiguous int8 (", N, ", ", K, ") tensor from linear_argmax_screen(weight)");
-  check_vector(scale, N, x, kOp, "scale");
-  check_vector(slack, N, x, kOp, "slack");
   at::Tensor result = at::empty({M}, x.options().dtype(at::kLong));
   if (M == 0) return result;
   int64_t* res = result.data_ptr<int64_t>();
@@ -261,16 +284,12 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
   if (cpu_use_avx512() && K > 0) {
     const at::Tensor wc = weight.contiguous();
     const float* wp = wc.data_ptr<float>();
-    std::vector<float> xf(M * K);
-    for (int64_t m = 0; m < M; ++m) row_to_float(x.data_ptr<float>() + m * x.stride(0), xf.data() + m * K, K);
-    std::vector<RowState> rows(M);
-    for (int64_t m = 0; m < M; ++m) {
-      double s2 = 0.0;
-      for (int64_t k = 0; k < K; ++k) s2 += static_cast<double>(xf[m * K + k]) * xf[m * K + k];
-      rows[m].xnorm = std::sqrt(s2) * (1.0 + 1e-12);
-      rows[m].screened = std::isfinite(rows[m].xnorm);
-    }
+    std::vector<float> xf;
+    std::vector<RowState> rows;
+    screened_rows(x, xf, rows);
     // Pass 1 (parallel over W rows): screened logits, per-chunk thresholds and candidates.
+    const float* sp = scale.data_ptr<float>();
+    const float* slp = slack.data_ptr<float>();
     std::mutex mu;
     std::vector<double> lo_max(M, -std::numeric_limits<double>::infinity());
     std::vector<std::pair<int64_t, std::vector<Candidate>>> chunks;  // (first tile, candidates)
@@ -278,10 +297,18 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
     const int64_t tiles = (N + nr - 1) / nr;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1));
     parallel_range(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      // this chunk's candidates: a_mn + e_mn >= its running max of a - e (a superset of the final
+      // ones), and its max of a - e per row in lo
       std::vector<double> lo(M, -std::numeric_limits<double>::infinity());
       std::vector<Candidate> cand;
-      screen_chunk(qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), slack.data_ptr<float>(), xf.data(), M, K,
-                   begin * nr, std::min(N, end * nr), rows, lo, cand);
+      screen_tiles(qweight.data_ptr<int8_t>(), xf.data(), M, K, begin * nr, std::min(N, end * nr),
+                   [&](int64_t m, int64_t n, float acc) {
+                     if (!rows[m].screened) return;
+                     const double a = static_cast<double>(acc * sp[n]);
+                     const double e = bound(rows[m].xnorm, slp[n]);
+                     if (a - e > lo[m]) lo[m] = a - e;
+                     if (a + e >= lo[m]) cand.push_back({m, n, a});
+                   });
       std::lock_guard<std::mutex> lock(mu);
       for (int64_t m = 0; m < M; ++m) lo_max[m] = std::max(lo_max[m], lo[m]);
       chunks.emplace_back(begin, std::move(cand));
@@ -289,7 +316,6 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
     std::sort(chunks.begin(), chunks.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     // Final candidates per row, in n order.
     std::vector<std::vector<int64_t>> per_row(M);
-    const float* slp = slack.data_ptr<float>();
     const int64_t cap = std::max<int64_t>(N / 16, 256);
     for (const auto& chunk : chunks)
       for (const auto& [m, n, a] : chunk.second) {
@@ -310,9 +336,7 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
         }
       } else {  // the exact full product (parallel over W rows), then the first largest
         std::vector<float> logits(N);
-        parallel_range(0, N, std::max<int64_t>(1, (int64_t(1) << 14) / K), [&](int64_t begin, int64_t end) {
-          for (int64_t n = begin; n < end; ++n) logits[n] = exact_logit(wp + n * K, xm, K);
-        });
+        exact_row(wp, xm, N, K, logits.data());
         for (int64_t n = 0; n < N; ++n)
           if (better(logits[n], n, best, best_n)) best = logits[n], best_n = n;
       }
@@ -331,11 +355,96 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
   return result;
 }
 
+// Logits for top-k sampling: (M, N) fp32 whose entries are each row's exact logit (linear_fwd's
+// one-row arithmetic) or -inf, with every logit >= the row's k-th largest exact. So masking all but
+// the k largest gives exactly what it gives on the full product. Per row: T = the k-th largest lower
+// bound a - e; a row n with a_n + e_n < T has k rows strictly above it. The candidates (a + e >= T)
+// are recomputed exactly; a row with a non-finite input, k >= N, or more than max(N / 16, 256, 4k)
+// candidates gets the full exact row. Without AVX-512: linear_fwd on each row alone.
+at::Tensor linear_topk_logits_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight,
+                                      const at::Tensor& scale, const at::Tensor& slack, int64_t k) {
+  constexpr const char* op = "linear_topk_logits_fwd";
+  check_screened_args(x, weight, qweight, scale, slack, op);
+  FASTLM_CHECK(k >= 1, op, "k must be >= 1, got ", k);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor out = new_output({M, N}, x.options());
+  if (M == 0) return out;
+  float* outp = out.data_ptr<float>();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_use_avx512() && K > 0) {
+    const at::Tensor wc = weight.contiguous();
+    const float* wp = wc.data_ptr<float>();
+    const float* sp = scale.data_ptr<float>();
+    const float* slp = slack.data_ptr<float>();
+    std::vector<float> xf;
+    std::vector<RowState> rows;
+    screened_rows(x, xf, rows);
+    // Pass 1 (parallel over W rows): the screened logits a (M x N, unscaled sums scaled here).
+    std::vector<float> a(M * N);
+    const int64_t nr = tile_rows(M);
+    const int64_t tiles = (N + nr - 1) / nr;
+    parallel_range(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     screen_tiles(qweight.data_ptr<int8_t>(), xf.data(), M, K, begin * nr, std::min(N, end * nr),
+                                  [&](int64_t m, int64_t n, float acc) { a[m * N + n] = acc * sp[n]; });
+                   });
+    const int64_t cap = std::max<int64_t>({N / 16, 256, 4 * k});
+    // Rows in parallel (one task each; exact_row inside runs serially then).
+    parallel_range(0, M, 1, [&](int64_t m0, int64_t m1) {
+      std::vector<double> lo(N), sample, top;
+      std::vector<int64_t> cand;
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* am = a.data() + m * N;
+        const float* xm = xf.data() + m * K;
+        float* om = outp + m * N;
+        bool full = !rows[m].screened || k >= N;
+        if (!full) {
+          for (int64_t n = 0; n < N; ++n) lo[n] = static_cast<double>(am[n]) - bound(rows[m].xnorm, slp[n]);
+          // T = the k-th largest lower bound, selected among the rows at or above T0 = the k-th largest of
+          // every 16th (T0 <= T: at least k rows pass)
+          double T0 = -std::numeric_limits<double>::infinity();
+          sample.clear();
+          for (int64_t n = 0; n < N; n += 16) sample.push_back(lo[n]);
+          if (static_cast<int64_t>(sample.size()) >= k) {
+            std::nth_element(sample.begin(), sample.begin() + (k - 1), sample.end(), std::greater<double>());
+            T0 = sample[k - 1];
+          }
+          top.clear();
+          for (int64_t n = 0; n < N; ++n)
+            if (lo[n] >= T0) top.push_back(lo[n]);
+          std::nth_element(top.begin(), top.begin() + (k - 1), top.end(), std::greater<double>());
+          const double T = top[k - 1];
+          cand.clear();
+          for (int64_t n = 0; n < N && !full; ++n) {
+            if (static_cast<double>(am[n]) + bound(rows[m].xnorm, slp[n]) >= T) {
+              cand.push_back(n);
+              full = static_cast<int64_t>(cand.size()) > cap;
+            }
+          }
+        }
+        if (full) {
+          exact_row(wp, xm, N, K, om);
+          continue;
+        }
+        std::fill(om, om + N, -std::numeric_limits<float>::infinity());
+        for (const int64_t n : cand) om[n] = exact_logit(wp + n * K, xm, K);
+      }
+    });
+    return out;
+  }
+#endif
+  static const auto linear_fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastlm_C::linear_fwd", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  for (int64_t m = 0; m < M; ++m) out[m].copy_(linear_fwd.call(x.narrow(0, m, 1), weight, std::nullopt)[0]);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("linear_argmax_screen", &linear_argmax_screen_cpu);
   m.impl("linear_argmax_fwd", &linear_argmax_fwd_cpu);
+  m.impl("linear_topk_logits_fwd", &linear_topk_logits_fwd_cpu);
 }
 
 }  // namespace fastlm::cpu

@@ -171,10 +171,10 @@ class GPT2(torch.nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor, cache: StaticKVCache, pad_counts: Tensor | None = None,
-                greedy: bool = False) -> Tensor:
+                greedy: bool = False, topk: int = 0) -> Tensor:
         """input_ids (B, S), left-padded with pad_counts[b] pads (None: none). Fills the cache (row b's
         real tokens at positions [0, S - pad_counts[b])) and returns the last position's logits (B, V),
-        or with greedy=True their argmax (B,) int64 (as decode_step)."""
+        or with greedy=True their argmax (B,) int64, or with topk > 0 top-k logits (as decode_step)."""
         c = self.config
         B, S = input_ids.shape
         H, D = c.n_head, c.head_dim
@@ -212,17 +212,21 @@ class GPT2(torch.nn.Module):
         if pad_counts is not None:
             lengths -= pad_counts.to(lengths)
         cache.set_lengths(lengths)
-        return self._head(x, ops.linear, greedy)
+        return self._head(x, ops.linear, greedy, topk)
 
-    def _head(self, x: Tensor, lin, greedy: bool) -> Tensor:
-        """Logits (B, V) of the final hidden rows x, or with greedy their argmax (B,): on CPU in fp32
-        through the head's int8 screen (ops.linear_argmax), elsewhere the logits' argmax."""
-        if not greedy:
-            return lin(x, self.head_weight, None)
-        screen = self.head_screen() if x.shape[0] <= 16 else None
-        if screen is not None:
-            return ops.linear_argmax(x, self.head_weight, screen)
-        return lin(x, self.head_weight, None).argmax(-1)
+    def _head(self, x: Tensor, lin, greedy: bool, topk: int = 0) -> Tensor:
+        """Logits (B, V) of the final hidden rows x; with greedy their argmax (B,); with topk > 0
+        logits that are exact wherever they can be among the row's topk largest and -inf elsewhere
+        (so top-k sampling draws the same tokens). On CPU in fp32 both go through the head's int8
+        screen (ops.linear_argmax / ops.linear_topk_logits); elsewhere the full logits."""
+        screen = self.head_screen() if (greedy or topk > 0) and x.shape[0] <= 16 else None
+        if greedy:
+            if screen is not None:
+                return ops.linear_argmax(x, self.head_weight, screen)
+            return lin(x, self.head_weight, None).argmax(-1)
+        if topk > 0 and screen is not None:
+            return ops.linear_topk_logits(x, self.head_weight, min(topk, self.head_weight.shape[0]), screen)
+        return lin(x, self.head_weight, None)
 
     def _decode_kernels(self, x: Tensor):
         """(linear, add_layer_norm, decode_attention, all three are the C++ kernels) for a decode step
@@ -294,12 +298,14 @@ class GPT2(torch.nn.Module):
         return screen
 
     @torch.no_grad()
-    def decode_step(self, tokens: Tensor, cache: StaticKVCache, greedy: bool = False) -> Tensor:
+    def decode_step(self, tokens: Tensor, cache: StaticKVCache, greedy: bool = False, topk: int = 0) -> Tensor:
         """tokens (B,) long, one new token per row, at position cache.lengths[b] of its row. Appends
         to the cache, advances it, and returns the logits (B, V), or with greedy=True the argmax token
         of each row (B,) int64 (on CPU in fp32: ops.linear_argmax over the head's int8 screen, the
-        same tokens as the logits' argmax without reading the head in fp32). No host sync
-        (CUDA-graph safe)."""
+        same tokens as the logits' argmax without reading the head in fp32), or with topk > 0 logits
+        exact wherever they can be among the topk largest and -inf elsewhere (CPU fp32:
+        ops.linear_topk_logits; top-k sampling on them draws what it draws on the full logits).
+        No host sync (CUDA-graph safe)."""
         c = self.config
         B = tokens.shape[0]
         H, D = c.n_head, c.head_dim
@@ -322,7 +328,7 @@ class GPT2(torch.nn.Module):
             x, h = torch.ops.fastlm_C.decode_layers(x, h, self._decode_layer_weights(), cache.k, cache.v, idx, lens,
                                                     scale, act, eps)
             cache.advance()
-            return self._head(x, lin, greedy)
+            return self._head(x, lin, greedy, topk)
         for layer, blk in enumerate(self.blocks):
             qkv = lin(x, blk.c_attn.weight, blk.c_attn.bias).view(B, 3, H, D)
             q, k, v = qkv.unbind(1)                                        # (B, H, D), rows strided
@@ -334,7 +340,7 @@ class GPT2(torch.nn.Module):
             nxt = self.blocks[layer + 1].ln_1 if layer + 1 < nb else self.ln_f
             x, h = ln(m, h, nxt.weight, nxt.bias, nxt.eps)
         cache.advance()
-        return self._head(x, lin, greedy)
+        return self._head(x, lin, greedy, topk)
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor) -> Tensor:

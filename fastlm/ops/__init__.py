@@ -11,8 +11,8 @@ from fastlm.ops.gelu_ffn import gelu_ffn, linear_gelu
 from fastlm.ops.attention import scaled_dot_product_attention
 from fastlm.ops.decode import decode_attention
 from fastlm.ops.linear import linear
-from fastlm.ops.linear_argmax import LinearArgmaxScreen, linear_argmax
+from fastlm.ops.linear_argmax import LinearArgmaxScreen, linear_argmax, linear_topk_logits
 
 __all__ = ["layer_norm", "add_layer_norm", "linear_gelu", "gelu_ffn"]
 __all__ += ["scaled_dot_product_attention"]
-__all__ += ["decode_attention", "linear", "linear_argmax", "LinearArgmaxScreen"]
+__all__ += ["decode_attention", "linear", "linear_argmax", "linear_topk_logits", "LinearArgmaxScreen"]

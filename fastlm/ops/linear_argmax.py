@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastlm import _ext, backends
 from fastlm.ops import _checks
-from fastlm.ops._impl import kernel_impl
+from fastlm.ops._impl import eager_inference, kernel_impl
 from fastlm.ops.linear import linear
 
 OP = "linear_argmax"
@@ -91,19 +91,23 @@ def _(x, weight, qweight, scale, slack):
     return x.new_empty((x.shape[0],), dtype=torch.long)
 
 
+def _check_screen_args(op: str, input, weight, screen) -> None:
+    _checks.input_and_weight(op, input, weight, min_out=1)
+    if screen is not None:
+        if not isinstance(screen, LinearArgmaxScreen):
+            raise TypeError(f"fastlm.ops.{op}: screen must be a LinearArgmaxScreen, got {type(screen).__name__}")
+        if not screen.matches(weight):
+            raise ValueError(f"fastlm.ops.{op}: screen was built for another weight (or this weight changed "
+                             f"in place since): rebuild it with LinearArgmaxScreen.build(weight)")
+
+
 def linear_argmax(input: Tensor, weight: Tensor, screen: LinearArgmaxScreen | None = None) -> Tensor:
     """== ops.linear(input, weight).argmax(-1): input (*, K), weight (N, K) -> (*,) int64.
 
     With a `screen` (LinearArgmaxScreen.build(weight)), float32 CPU inputs of at most 16 rows read
     the weight's int8 copy and recompute only the rows that can win, in fp32: the same index as
     the full product of each row alone (the first largest; NaN counts as the largest)."""
-    _checks.input_and_weight(OP, input, weight, min_out=1)
-    if screen is not None:
-        if not isinstance(screen, LinearArgmaxScreen):
-            raise TypeError(f"fastlm.ops.{OP}: screen must be a LinearArgmaxScreen, got {type(screen).__name__}")
-        if not screen.matches(weight):
-            raise ValueError(f"fastlm.ops.{OP}: screen was built for another weight (or this weight changed "
-                             f"in place since): rebuild it with LinearArgmaxScreen.build(weight)")
+    _check_screen_args(OP, input, weight, screen)
     x2 = _checks.rows(input, weight.shape[1])
     if screen is None:
         return linear(x2, weight).argmax(-1).view(input.shape[:-1])
@@ -113,3 +117,47 @@ def linear_argmax(input: Tensor, weight: Tensor, screen: LinearArgmaxScreen | No
     else:  # skip the custom-op wrapper (tens of microseconds) outside of torch.compile
         out = _run(x2, w, screen.qweight, screen.scale, screen.slack, screen)
     return out.view(input.shape[:-1])
+
+
+# ---- linear_topk_logits: the logits top-k sampling needs, through the same screen ----
+
+OP_TOPK = "linear_topk_logits"
+backends.register_op(OP_TOPK, ("reference", "cpu"), cpp_ops=("linear_topk_logits_fwd", "linear_argmax_screen"))
+
+
+def _run_topk(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor, k: int) -> Tensor:
+    backend = backends.select(OP_TOPK, x.device, _supports(x, weight, qweight))
+    if backend == "reference":
+        return linear(x, weight)
+    return kernel_impl(backend, "linear_topk_logits_fwd", "")(x, weight, qweight, scale, slack, k)
+
+
+@torch.library.custom_op("fastlm::linear_topk_logits_fwd", mutates_args=())
+def linear_topk_logits_fwd(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor,
+                           k: int) -> Tensor:
+    """x (M, K), weight (N, K), its screen, k >= 1 -> (M, N): each entry the exact logit or -inf."""
+    return _run_topk(x, weight, qweight, scale, slack, k)
+
+
+@linear_topk_logits_fwd.register_fake
+def _(x, weight, qweight, scale, slack, k):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def linear_topk_logits(input: Tensor, weight: Tensor, k: int, screen: LinearArgmaxScreen | None = None) -> Tensor:
+    """Logits of input @ weight.T for top-k sampling: (*, N) whose entries are each the logit
+    ops.linear computes for that row alone, or -inf; every logit >= the row's k-th largest is there.
+    So keeping the k largest (ties included) gives exactly what it gives on ops.linear(input, weight)
+    row by row. With a `screen`, float32 CPU inputs of at most 16 rows read the weight's int8 copy and
+    compute exactly only the rows that can be in the top k; otherwise (or without a screen) the full
+    product."""
+    _check_screen_args(OP_TOPK, input, weight, screen)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"fastlm.ops.{OP_TOPK}: k must be an int >= 1, got {k!r}")
+    x2 = _checks.rows(input, weight.shape[1])
+    if screen is None:
+        return linear(x2, weight).view(*input.shape[:-1], weight.shape[0])
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    args = (x2, w, screen.qweight, screen.scale, screen.slack, k)
+    out = _run_topk(*args) if eager_inference(x2, w) else linear_topk_logits_fwd(*args)
+    return out.view(*input.shape[:-1], weight.shape[0])
