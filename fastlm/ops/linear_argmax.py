@@ -6,8 +6,9 @@ weights a step reads).
 per-row error bound; `linear_argmax(input, weight, screen)` scans the int8 copy, keeps the rows
 whose logit could still be the largest (the bound is rigorous: csrc/cpu/linear_argmax.cpp), and
 recomputes those exactly in fp32. The result equals `ops.linear(x[m:m+1], weight).argmax(-1)`, row
-by row, bit for bit -- not an approximation (CPUs without AVX-512 run exactly that). Without a screen, or off the C++ CPU path (CUDA,
-fp16/bf16, more than 16 rows), it is `ops.linear(input, weight).argmax(-1)`.
+by row, bit for bit -- not an approximation (CPUs without AVX-512 run exactly that). Without a
+screen, or off the C++ CPU path (CUDA, fp16/bf16, more than 16 rows), it is
+`ops.linear(input, weight).argmax(-1)`.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ class LinearArgmaxScreen:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.slack))
 
 
-def _supports(x: Tensor, weight: Tensor, screen):
+def _supports(x: Tensor, weight: Tensor):
     def check(backend: str) -> str | None:
         if backend == "reference":
             return None
@@ -73,8 +74,8 @@ def _supports(x: Tensor, weight: Tensor, screen):
     return check
 
 
-def _run(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor, screen=None) -> Tensor:
-    backend = backends.select(OP, x.device, _supports(x, weight, screen if screen is not None else qweight))
+def _run(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor) -> Tensor:
+    backend = backends.select(OP, x.device, _supports(x, weight))
     if backend == "reference":
         return linear(x, weight).argmax(-1)
     return kernel_impl(backend, "linear_argmax_fwd", "")(x, weight, qweight, scale, slack)
@@ -112,10 +113,8 @@ def linear_argmax(input: Tensor, weight: Tensor, screen: LinearArgmaxScreen | No
     if screen is None:
         return linear(x2, weight).argmax(-1).view(input.shape[:-1])
     w = weight if weight.is_contiguous() else weight.contiguous()
-    if torch.compiler.is_compiling():
-        out = linear_argmax_fwd(x2, w, screen.qweight, screen.scale, screen.slack)
-    else:  # skip the custom-op wrapper (tens of microseconds) outside of torch.compile
-        out = _run(x2, w, screen.qweight, screen.scale, screen.slack, screen)
+    args = (x2, w, screen.qweight, screen.scale, screen.slack)
+    out = _run(*args) if eager_inference(x2, w) else linear_argmax_fwd(*args)
     return out.view(input.shape[:-1])
 
 
@@ -126,7 +125,7 @@ backends.register_op(OP_TOPK, ("reference", "cpu"), cpp_ops=("linear_topk_logits
 
 
 def _run_topk(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor, k: int) -> Tensor:
-    backend = backends.select(OP_TOPK, x.device, _supports(x, weight, qweight))
+    backend = backends.select(OP_TOPK, x.device, _supports(x, weight))
     if backend == "reference":
         return linear(x, weight)
     return kernel_impl(backend, "linear_topk_logits_fwd", "")(x, weight, qweight, scale, slack, k)
