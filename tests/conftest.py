@@ -1,10 +1,21 @@
 """Test session set-up. TRITON_INTERPRET must be set before triton is first imported: without a GPU
-the Triton kernels run on CPU tensors under the interpreter. HF hub access is off (no network)."""
+the Triton kernels run on CPU tensors under the interpreter. HF hub access is off (no network). The
+auto-tuning cache lives in a temporary directory for the session."""
 import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The measured "auto" caches its choices on disk: the tests use a fresh per-session directory, never
+# the user's ~/.cache/fastlm (tests that need a particular kernel force it with fastlm.use_backend).
+if "FASTLM_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache_dir = tempfile.mkdtemp(prefix="fastlm-test-cache-")
+    os.environ["FASTLM_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, True)
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 

@@ -10,24 +10,25 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
-from fastlm.ops._impl import eager_inference, kernel_impl
+from fastlm.ops._impl import bucket, eager_inference, kernel_impl, measurer, needs_grad
 
 OP_LAYER_NORM, OP_ADD_LAYER_NORM = "layer_norm", "add_layer_norm"
 _CPP_OPS = ("layer_norm_fwd", "layer_norm_bwd")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 for _op in (OP_LAYER_NORM, OP_ADD_LAYER_NORM):
-    backends.register_op(_op, ("reference", "cpu", "cuda", "triton"), cpp_ops=_CPP_OPS)
+    backends.register_op(_op, ("torch", "reference", "cpu", "cuda", "triton"), cpp_ops=_CPP_OPS)
 
 
 def _supports(x: Tensor, params: tuple[Optional[Tensor], ...]):
     """What the kernels (cpu, cuda, triton) take: fp32/fp16/bf16, parameters of the input's dtype,
-    at least one column. The reference backend takes anything F.layer_norm takes."""
+    at least one column. The torch and reference backends take anything F.layer_norm takes."""
     def check(backend: str) -> str | None:
-        if backend == "reference":
+        if backend == "reference" or backend == "torch":
             return None
         if x.dtype not in _KERNEL_DTYPES:
             return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
@@ -54,9 +55,15 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     return _run_fwd(x, residual, weight, bias, eps)
 
 
+def _key(x: Tensor, weight, bias, grad: bool) -> tuple:
+    """The op's part of a choice key: what _supports reads, the shape bucket, grad."""
+    return (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+            bucket(x.shape[0]), x.shape[-1], grad)
+
+
 def _run_fwd(x, residual, weight, bias, eps):
     op = OP_ADD_LAYER_NORM if residual is not None else OP_LAYER_NORM
-    backend = backends.select(op, x.device, _supports(x, (weight, bias)))
+    backend = backends.select(op, x.device, _supports(x, (weight, bias)), key=_key(x, weight, bias, False))
     return tuple(_fwd_impl(backend)(x, residual, weight, bias, eps))
 
 
@@ -82,7 +89,8 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
                    dsummed: Optional[Tensor], has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx, dweight, dbias); dweight/dbias are empty (0,) when weight is None / has_bias is False."""
     op = OP_ADD_LAYER_NORM if dsummed is not None else OP_LAYER_NORM
-    backend = backends.select(op, x.device, _supports(x, (weight,)))
+    backend = backends.select(op, x.device, _supports(x, (weight,)), key=_key(x, weight, weight if has_bias else None,
+                                                                          True))
     return tuple(_bwd_impl(backend)(dy, x, weight, mean, rstd, dsummed, has_bias))
 
 
@@ -159,7 +167,15 @@ def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor]
     input: (*, *normalized_shape), fp32/fp16/bf16 (fp64 falls back to the reference);
     weight, bias: normalized_shape or None. Returns input's shape and dtype. Statistics in fp32."""
     n, w, b = _ln_args("layer_norm", input, normalized_shape, weight, bias)
-    out, _, _, _ = _forward(_checks.rows(input, n), None, w, b, float(eps))
+    x = _checks.rows(input, n)
+    grad = needs_grad(input, weight, bias)
+    backend = backends.select(OP_LAYER_NORM, x.device, _supports(x, (w, b)), key=_key(x, w, b, grad),
+                              measure=measurer(lambda i, w_, b_: layer_norm(i, normalized_shape, w_, b_, eps),
+                                               (input, weight, bias), grad))
+    if backend == "torch":
+        backends._record_last(OP_LAYER_NORM, backend)
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
+    out, _, _, _ = backends.run_on(OP_LAYER_NORM, backend, _forward, x, None, w, b, float(eps))
     return out.view(input.shape)
 
 
@@ -174,5 +190,15 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: _Shape, we
     _checks.shape("add_layer_norm", "residual", residual, tuple(input.shape))
     _checks.same_device("add_layer_norm", "residual", residual, input)
     _checks.same_dtype("add_layer_norm", "residual", residual, input)
-    out, summed, _, _ = _forward(_checks.rows(input, n), _checks.rows(residual, n), w, b, float(eps))
+    x = _checks.rows(input, n)
+    grad = needs_grad(input, residual, weight, bias)
+    backend = backends.select(OP_ADD_LAYER_NORM, x.device, _supports(x, (w, b)), key=_key(x, w, b, grad),
+                              measure=measurer(lambda i, r, w_, b_: add_layer_norm(i, r, normalized_shape, w_, b_, eps),
+                                               (input, residual, weight, bias), grad))
+    if backend == "torch":
+        backends._record_last(OP_ADD_LAYER_NORM, backend)
+        summed = input + residual
+        return F.layer_norm(summed, normalized_shape, weight, bias, eps), summed
+    out, summed, _, _ = backends.run_on(OP_ADD_LAYER_NORM, backend, _forward, x, _checks.rows(residual, n), w, b,
+                                        float(eps))
     return out.view(input.shape), summed.view(input.shape)
