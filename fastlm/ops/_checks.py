@@ -1,5 +1,7 @@
 """Argument checks shared by the functional ops: each raises TypeError (wrong type/dtype) or
-ValueError (wrong shape/device/value) naming the argument, before any kernel is launched."""
+ValueError (wrong shape/device/value) naming the argument, before any kernel is launched. A call
+they reject goes to torch's own function first (`torch_or_raise`): torch's answer where torch
+accepts it, the clear error where torch rejects it too."""
 from __future__ import annotations
 
 import torch
@@ -56,3 +58,20 @@ def column_major(w: Tensor) -> bool:
     """A 2-D weight stored transposed: its .t() is contiguous, itself is not (GPT-2's Conv1D weight,
     stored (in, out), seen as (out, in) through a .t() view)."""
     return not w.is_contiguous() and w.t().is_contiguous()
+
+
+def torch_or_raise(op: str, error: Exception, torch_fn, *args, **kwargs):
+    """An input fastlm's checks reject: torch's answer where torch's own function accepts it (the
+    "torch" backend: broadcast shapes, mixed dtypes torch promotes, ...), else fastlm's clear error
+    (TypeError/ValueError naming the argument) rather than torch's."""
+    from fastlm import backends
+
+    devices = {a.device for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0}
+    if len(devices) > 1:   # torch propagates a meta argument through a CPU call: not an answer
+        raise error
+    try:
+        out = torch_fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001  (torch rejects it too: fastlm's message names the argument)
+        raise error from None
+    backends._record_last(op, "torch")
+    return out

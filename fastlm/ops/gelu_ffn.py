@@ -12,33 +12,36 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
 from fastlm.ops._checks import column_major as _column_major
-from fastlm.ops._impl import eager_inference, kernel_impl
+from fastlm.ops._impl import bucket, eager_inference, kernel_impl, measurer
 
 OP_LINEAR_GELU, OP_GELU_FFN = "linear_gelu", "gelu_ffn"
 APPROXIMATE = ("none", "tanh")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BACKENDS = ("reference", "cpu", "cuda", "triton")
+_BACKENDS = ("torch", "reference", "cpu", "cuda", "triton")
 backends.register_op(OP_LINEAR_GELU, _BACKENDS, cpp_ops=("linear_gelu_fwd", "linear_gelu_bwd"))
 backends.register_op(OP_GELU_FFN, _BACKENDS, cpp_ops=("gelu_ffn_fwd", "gelu_ffn_bwd"))
 
 
 def _supports(x: Tensor, params: tuple[Optional[Tensor], ...]):
     """What the kernels (cpu, cuda, triton) take: fp32/fp16/bf16 inputs and parameters of one dtype,
-    non-empty inner dims. The reference backend takes anything F.linear takes (fp64 included)."""
+    non-empty inner dims. The torch and reference backends take anything F.linear takes."""
     def check(backend: str) -> str | None:
-        if backend == "reference":
+        if backend == "reference" or backend == "torch":
             return None
         if x.dtype not in _KERNEL_DTYPES:
             return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
         if any(p is not None and p.dtype != x.dtype for p in params):
             return "weight/bias dtype differs from the input's"
-        if x.shape[1] == 0 or any(p is not None and p.numel() == 0 for p in params):
+        if x.shape[-1] == 0 or any(p is not None and p.numel() == 0 for p in params):
             return "an empty inner dimension"
         return None
     return check
@@ -49,10 +52,17 @@ def _impl(backend: str, name: str):
     return kernel_impl(backend, name, "gelu_ffn")
 
 
+def _key(x: Tensor, params: tuple, approximate: str, grad: bool) -> tuple:
+    """The op's part of a choice key: dtypes, layouts and sizes of the parameters, the row bucket."""
+    return (x.dtype, bucket(math.prod(x.shape[:-1])), x.shape[-1], approximate, grad) + tuple(
+        None if p is None else (p.dtype, tuple(p.shape), p.dim() == 2 and _column_major(p)) for p in params)
+
+
 # ---- linear_gelu ----
 
 def _run_linear_gelu_fwd(x, weight, bias, approximate, save_pre):
-    backend = backends.select(OP_LINEAR_GELU, x.device, _supports(x, (weight, bias)))
+    backend = backends.select(OP_LINEAR_GELU, x.device, _supports(x, (weight, bias)),
+                              key=_key(x, (weight, bias), approximate, save_pre))
     return tuple(_impl(backend, "linear_gelu_fwd")(x, weight, bias, approximate, save_pre))
 
 
@@ -73,7 +83,8 @@ def _(x, weight, bias, approximate, save_pre):
 def linear_gelu_bwd(dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approximate: str,
                     has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx (M, K), dweight (N, K), dbias (N,) or (0,) when has_bias is False)."""
-    backend = backends.select(OP_LINEAR_GELU, x.device, _supports(x, (weight,)))
+    backend = backends.select(OP_LINEAR_GELU, x.device, _supports(x, (weight,)),
+                              key=_key(x, (weight, weight if has_bias else None), approximate, True))
     dx, dw, db = _impl(backend, "linear_gelu_bwd")(dy, x, weight, pre, approximate, has_bias)
     return dx, _in_layout_of(dw, weight), db
 
@@ -139,7 +150,8 @@ def gelu_ffn_fwd(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_
 
 
 def _run_gelu_ffn_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, save_pre):
-    backend = backends.select(OP_GELU_FFN, x.device, _supports(x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias)))
+    backend = backends.select(OP_GELU_FFN, x.device, _supports(x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias)),
+                              key=_key(x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), approximate, save_pre))
     return tuple(_impl(backend, "gelu_ffn_fwd")(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, save_pre))
 
 
@@ -153,7 +165,10 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, save_pre):
 def gelu_ffn_bwd(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, pre: Tensor, approximate: str,
                  has_fc1_bias: bool, has_fc2_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias); absent biases give (0,) tensors."""
-    backend = backends.select(OP_GELU_FFN, x.device, _supports(x, (fc1_weight, fc2_weight)))
+    b1 = fc1_weight[0] if has_fc1_bias else None
+    b2 = fc2_weight[0] if has_fc2_bias else None
+    backend = backends.select(OP_GELU_FFN, x.device, _supports(x, (fc1_weight, fc2_weight)),
+                              key=_key(x, (fc1_weight, b1, fc2_weight, b2), approximate, True))
     dx, dw1, db1, dw2, db2 = _impl(backend, "gelu_ffn_bwd")(dy, x, fc1_weight, fc2_weight, pre, approximate,
                                                             has_fc1_bias, has_fc2_bias)
     return dx, _in_layout_of(dw1, fc1_weight), db1, _in_layout_of(dw2, fc2_weight), db2
@@ -233,16 +248,34 @@ def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, ap
     input: (*, K); weight: (N, K); bias: (N,) or None; approximate: "none" (erf) or "tanh".
     fp32/fp16/bf16 (fp64 falls back to the reference). Returns (*, N) in input's dtype."""
     op = OP_LINEAR_GELU
-    input = _input(op, input)
-    approximate = _approximate(op, approximate)
-    w = _weight(op, "weight", weight, input, input.shape[-1], "input")
-    b = _bias(op, "bias", bias, input, w.shape[0])
+    try:
+        input = _input(op, input)
+        approximate = _approximate(op, approximate)
+        w = _weight(op, "weight", weight, input, input.shape[-1], "input")
+        b = _bias(op, "bias", bias, input, w.shape[0])
+    except (TypeError, ValueError) as e:
+        return _checks.torch_or_raise(op, e, _torch_linear_gelu, input, weight, bias, approximate)
+    grad = _needs_grad(input, weight, bias)
+    backend = backends.select(op, input.device, _supports(input, (w, b)), key=_key(input, (w, b), approximate, grad),
+                              measure=measurer(lambda i, w_, b_: linear_gelu(i, w_, b_, approximate),
+                                               (input, weight, bias), grad))
+    if backend == "torch":
+        backends._record_last(op, backend)
+        return _torch_linear_gelu(input, weight, bias, approximate)
     x = _checks.rows(input, input.shape[-1])
     if eager_inference(x, w, b):  # the kernel directly (the custom-op wrapper: autograd, torch.compile)
-        out, _ = _run_linear_gelu_fwd(x, w, b, approximate, False)
+        out, _ = backends.run_on(op, backend, _run_linear_gelu_fwd, x, w, b, approximate, False)
     else:
-        out, _ = linear_gelu_fwd(x, w, b, approximate, _needs_grad(input, weight, bias))
+        out, _ = backends.run_on(op, backend, linear_gelu_fwd, x, w, b, approximate, grad)
     return out.view(*input.shape[:-1], w.shape[0])
+
+
+def _torch_linear_gelu(input, weight, bias, approximate):
+    return F.gelu(F.linear(input, weight, bias), approximate=approximate)
+
+
+def _torch_gelu_ffn(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate):
+    return F.linear(F.gelu(F.linear(input, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)
 
 
 def gelu_ffn(input: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
@@ -254,16 +287,26 @@ def gelu_ffn(input: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_
     approximate: "none" (erf, BERT) or "tanh" (GPT-2). fp32/fp16/bf16 (fp64 falls back to the reference).
     Returns (*, N) in input's dtype. Only the hidden pre-activation (M, F) is kept for the backward."""
     op = OP_GELU_FFN
-    input = _input(op, input)
-    approximate = _approximate(op, approximate)
-    w1 = _weight(op, "fc1_weight", fc1_weight, input, input.shape[-1], "input")
-    b1 = _bias(op, "fc1_bias", fc1_bias, input, w1.shape[0])
-    w2 = _weight(op, "fc2_weight", fc2_weight, input, w1.shape[0], "fc1_weight's output")
-    b2 = _bias(op, "fc2_bias", fc2_bias, input, w2.shape[0])
+    args = (input, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    try:
+        input = _input(op, input)
+        approximate = _approximate(op, approximate)
+        w1 = _weight(op, "fc1_weight", fc1_weight, input, input.shape[-1], "input")
+        b1 = _bias(op, "fc1_bias", fc1_bias, input, w1.shape[0])
+        w2 = _weight(op, "fc2_weight", fc2_weight, input, w1.shape[0], "fc1_weight's output")
+        b2 = _bias(op, "fc2_bias", fc2_bias, input, w2.shape[0])
+    except (TypeError, ValueError) as e:
+        return _checks.torch_or_raise(op, e, _torch_gelu_ffn, *args, approximate)
+    grad = _needs_grad(*args)
+    params = (w1, b1, w2, b2)
+    backend = backends.select(op, input.device, _supports(input, params), key=_key(input, params, approximate, grad),
+                              measure=measurer(lambda *a: gelu_ffn(*a, approximate), args, grad))
+    if backend == "torch":
+        backends._record_last(op, backend)
+        return _torch_gelu_ffn(*args, approximate)
     x = _checks.rows(input, input.shape[-1])
     if eager_inference(x, w1, b1, w2, b2):  # the kernel directly (the wrapper: autograd, torch.compile)
-        out, _ = _run_gelu_ffn_fwd(x, w1, b1, w2, b2, approximate, False)
+        out, _ = backends.run_on(op, backend, _run_gelu_ffn_fwd, x, w1, b1, w2, b2, approximate, False)
     else:
-        out, _ = gelu_ffn_fwd(x, w1, b1, w2, b2, approximate, _needs_grad(input, fc1_weight, fc1_bias, fc2_weight,
-                                                                           fc2_bias))
+        out, _ = backends.run_on(op, backend, gelu_ffn_fwd, x, w1, b1, w2, b2, approximate, grad)
     return out.view(*input.shape[:-1], w2.shape[0])

@@ -17,21 +17,23 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
-from fastlm.ops._impl import eager_inference
+from fastlm.ops._impl import bucket, eager_inference, measurer, needs_grad
 
 OP = "linear"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-backends.register_op(OP, ("reference", "cpu"), cpp_ops=("linear_fwd",))
+backends.register_op(OP, ("torch", "reference", "cpu"), cpp_ops=("linear_fwd",))
 
 
 def _supports(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     def check(backend: str) -> str | None:
-        if backend == "reference":
+        if backend == "reference" or backend == "torch":
             return None
         if x.dtype not in _KERNEL_DTYPES:
             return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             return "weight/bias dtype differs from the input's"
+        if x.shape[1] == 0:
+            return "no input features"
         return None
     return check
 
@@ -44,9 +46,24 @@ def _impl(backend: str):
     return F.linear
 
 
+def _key(x: Tensor, weight: Tensor, bias: Optional[Tensor], grad: bool) -> tuple:
+    return (x.dtype, weight.dtype, None if bias is None else bias.dtype, bucket(x.shape[0]), weight.shape[0],
+            weight.shape[1], grad)
+
+
 def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    backend = backends.select(OP, x.device, _supports(x, weight, bias))
+    backend = backends.select(OP, x.device, _supports(x, weight, bias), key=_key(x, weight, bias, False))
     return _impl(backend)(x, weight, bias)
+
+
+def kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
+    """(backend, fn): the kernel the public op runs for inference on inputs like these (x (M, K) rows,
+    weight (N, K), bias), fn(x, weight, bias) -> (M, N) taking exactly such inputs without checks
+    (torch.ops.fastlm_C.linear_fwd, or F.linear). For callers that make many calls of one shape
+    (the native GPT-2's decode step)."""
+    backend = backends.select(OP, x.device, _supports(x, weight, bias), key=_key(x, weight, bias, False),
+                              measure=measurer(linear, (x, weight, bias), False))
+    return backend, _impl(backend)
 
 
 @torch.library.custom_op("fastlm::linear_fwd", mutates_args=())
@@ -81,24 +98,35 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     """== torch.nn.functional.linear: y = input @ weight^T + bias.
 
     input: (*, K); weight: (N, K); bias: (N,) or None; same dtype and device. Returns (*, N) in
-    input's dtype. On CPU, up to 16 rows run fastlm's weight-streaming kernel (fp32 accumulation)."""
+    input's dtype. On CPU, up to 16 rows run fastlm's weight-streaming kernel (fp32 accumulation).
+    Inputs the kernels do not take (1-D weight, mixed dtypes, a broadcast bias, ...) go to F.linear."""
     op = OP
-    _checks.input_and_weight(op, input, weight)
-    if bias is not None:
-        _checks.tensor(op, "bias", bias)
-        _checks.shape(op, "bias", bias, (weight.shape[0],))
-        _checks.same_device(op, "bias", bias, input)
-        _checks.same_dtype(op, "bias", bias, input)
+    try:
+        _checks.input_and_weight(op, input, weight)
+        if bias is not None:
+            _checks.tensor(op, "bias", bias)
+            _checks.shape(op, "bias", bias, (weight.shape[0],))
+            _checks.same_device(op, "bias", bias, input)
+            _checks.same_dtype(op, "bias", bias, input)
+    except (TypeError, ValueError) as e:
+        return _checks.torch_or_raise(op, e, F.linear, input, weight, bias)
     K, N = weight.shape[1], weight.shape[0]
     x2 = _checks.rows(input, K)
     w = weight if weight.is_contiguous() else weight.contiguous()
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    grad = needs_grad(input, weight, bias)
+    backend = backends.select(op, x2.device, _supports(x2, w, b), key=_key(x2, w, b, grad),
+                              measure=measurer(linear, (input, weight, bias), grad))
+    if backend == "torch":
+        backends._record_last(op, backend)
+        return F.linear(input, weight, bias)
     if eager_inference(x2, w, b):
         # Inference: call the chosen backend directly, skipping the custom-op wrapper (tens of
         # microseconds a call: a visible share of a CPU decode step of ~50 linears).
-        y = _run(x2, w, b)
+        backends._record_last(op, backend)
+        y = _impl(backend)(x2, w, b)
     else:
-        y = linear_fwd(x2, w, b)
+        y = backends.run_on(op, backend, linear_fwd, x2, w, b)
     return y.view(*input.shape[:-1], N)
 
 
