@@ -14,28 +14,29 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
-from fastlm.ops._impl import eager_inference, kernel_impl
+from fastlm.ops._impl import bucket, eager_inference, kernel_impl, measurer, needs_grad
 
 OP = "scaled_dot_product_attention"
 _CPP_OPS = ("attention_fwd", "attention_bwd")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Backends with an implementation; the C++ ones are reachable only when fastlm._C has the kernels.
-_BACKENDS = ("reference", "cpu", "cuda", "triton")
+_BACKENDS = ("torch", "reference", "cpu", "cuda", "triton")
 backends.register_op(OP, _BACKENDS, cpp_ops=_CPP_OPS)
 
 # Largest head dim each kernel backend takes (q/k head dim D and value head dim Dv).
 _MAX_HEAD_DIM = {"cpu": 512, "cuda": 256, "triton": 256}
-# Backends whose kernels implement dropout (the others fall back under "auto").
+# Backends with fastlm's dropout (Philox keep masks the backward regenerates); "torch" draws its own.
 _DROPOUT_BACKENDS = {"reference", "cpu", "cuda", "triton"}
 
 
 def _supports(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float):
     def check(backend: str) -> str | None:
-        if backend == "reference":
+        if backend == "reference" or backend == "torch":
             return None
         if q.dtype not in _KERNEL_DTYPES:
             return f"dtype {q.dtype} (kernels take float32, float16, bfloat16)"
@@ -59,8 +60,18 @@ def _bwd_impl(backend: str):
     return kernel_impl(backend, "attention_bwd", "attention")
 
 
+def _key(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, dropout_p: float,
+         grad: bool) -> tuple:
+    """The op's part of a choice key, on the kernel layout (B, H, S, D): dtypes, the mask's kind
+    (which of its dims broadcast), head dims and GQA group exactly, batch x heads and lengths bucketed."""
+    mk = None if mask is None else (mask.dtype, tuple(s == 0 for s in mask.stride()))
+    return (q.dtype, k.dtype, v.dtype, mk, bucket(q.shape[0] * q.shape[1]), q.shape[1] // max(k.shape[1], 1),
+            bucket(q.shape[2]), bucket(k.shape[2]), q.shape[3], v.shape[3], bool(is_causal), dropout_p > 0.0, grad)
+
+
 def _run_fwd(q, k, v, mask, scale, is_causal, dropout_p, rng):
-    backend = backends.select(OP, q.device, _supports(q, k, v, mask, dropout_p))
+    backend = backends.select(OP, q.device, _supports(q, k, v, mask, dropout_p),
+                              key=_key(q, k, v, mask, is_causal, dropout_p, False))
     out, lse = _fwd_impl(backend)(q, k, v, mask, scale, is_causal, dropout_p, rng)
     return out, lse
 
@@ -84,7 +95,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   scale: float, is_causal: bool, dropout_p: float,
                   rng: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv (shapes and dtypes of q, k, v); see reference.attention_bwd_ref."""
-    backend = backends.select(OP, q.device, _supports(q, k, v, mask, dropout_p))
+    backend = backends.select(OP, q.device, _supports(q, k, v, mask, dropout_p),
+                              key=_key(q, k, v, mask, is_causal, dropout_p, True))
     dq, dk, dv = _bwd_impl(backend)(dout, q, k, v, out, lse, mask, scale, is_causal, dropout_p, rng)
     return dq, dk, dv
 
@@ -209,8 +221,15 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     j <= i (top-left aligned); not together with attn_mask. scale: default 1 / sqrt(D). dropout_p > 0
     drops attention weights with a mask drawn from torch's generator (torch.manual_seed reproduces it).
     fp32, fp16, bf16 on the kernels (fp64 on the reference). Returns (..., H, Sq, Dv) in query's dtype.
-    Rows that see no key give zeros, as torch."""
-    _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    Rows that see no key give zeros, as torch. Calls the kernels do not take (query and key of different
+    ranks or broadcast batch dims, key/value heads broadcast without enable_gqa, an attn_mask that
+    requires grad or is float32 for a half query, empty head dims, ...) get torch's own answer (and
+    error) from F.scaled_dot_product_attention."""
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    try:
+        _check_args(*args)
+    except (TypeError, ValueError) as e:
+        return _checks.torch_or_raise(OP, e, _torch_sdpa, *args)
     D = query.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     squeeze = query.dim() == 2
@@ -228,12 +247,28 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 ~attn_mask, float("-inf"))
         mask = _broadcast_mask(attn_mask, batch, H, Sq, Sk)
-    rng = None
     dropout_p = float(dropout_p)
+    grad = needs_grad(query, key, value)
+    # dropout draws from torch's generator: not measured (two backends never draw the same mask)
+    measure = None if dropout_p > 0.0 else measurer(
+        lambda q_, k_, v_, m_: scaled_dot_product_attention(q_, k_, v_, m_, 0.0, is_causal, scale, enable_gqa),
+        (args[0], args[1], args[2], args[3]), grad)
+    backend = backends.select(OP, q.device, _supports(q, k, v, mask, dropout_p),
+                              key=_key(q, k, v, mask, is_causal, dropout_p, grad), measure=measure)
+    if backend == "torch":
+        backends._record_last(OP, backend)
+        return _torch_sdpa(*args)
+    rng = None
     if dropout_p > 0.0:
         rng = torch.randint(0, 2**62, (2,), dtype=torch.int64)
     # eager inference: the kernel directly (the custom-op wrapper is for autograd and torch.compile)
     fwd = _run_fwd if eager_inference(q, k, v, mask) else attention_fwd
-    out, _ = fwd(q, k, v, mask, scale, bool(is_causal), dropout_p, rng)
+    out, _ = backends.run_on(OP, backend, fwd, q, k, v, mask, scale, bool(is_causal), dropout_p, rng)
     out = out.view(batch + (H, Sq, value.shape[-1]))
     return out.squeeze(0) if squeeze else out
+
+
+def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, **kw)
