@@ -309,6 +309,8 @@ def select(op: str, device, supports: Callable[[str], str | None], measure: Opti
     dev = device.type if isinstance(device, torch.device) else _device_type(device)
     forced = current_backend()
     if forced != "auto":
+        if dev == "meta":
+            return forced   # shapes only: the op's fake implementation
         reason = _cached_reason(forced, dev, op) or supports(forced)
         if reason is not None:
             raise BackendUnavailableError(f"fastlm.ops.{op}: backend {forced!r} cannot run this call: {reason}")
@@ -323,6 +325,8 @@ def select(op: str, device, supports: Callable[[str], str | None], measure: Opti
 
 
 def _choose(op, dev, device, supports, measure, full, check) -> str:
+    if dev not in ("cpu", "cuda") and "torch" in _OPS.get(op, {}).get("backends", ()):
+        return "torch"   # meta tensors (shape propagation): torch's own meta kernels
     if torch.compiler.is_compiling():
         # traced once: the static choice (no lock, no file, no warning inside the trace)
         hit = _static_choices.get(full)

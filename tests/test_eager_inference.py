@@ -1,10 +1,17 @@
 """The eager-inference shortcut (fastlm/ops/_impl.py eager_inference): in eager mode without gradients,
 the public ops call their kernel directly instead of through their torch.library op. The result must
-be the op's, bit for bit; meta tensors must still reach the ops' fake implementations (shapes only);
-a call that needs gradients must go through the op (autograd)."""
+be the op's, bit for bit; meta tensors must still get shapes (torch's meta kernels under "auto", the
+ops' fake implementations under a forced kernel backend); a call that needs gradients must go
+through the op (autograd)."""
 import torch
 
+import fastlm
 from fastlm import ops
+
+
+def _kernel_backend() -> str:
+    """The C++ backend where built (the shortcut is about the kernels), else the reference."""
+    return "cpu" if "cpu" in fastlm.available_backends("linear", "cpu") else "reference"
 
 
 def _calls():
@@ -25,10 +32,11 @@ def _calls():
 
 def test_direct_path_equals_the_op_path():
     for name, (fn, args) in _calls().items():
-        with torch.no_grad():
+        with torch.no_grad(), fastlm.use_backend(_kernel_backend()):
             direct = fn(*args)
         leaves = [a.clone().requires_grad_() for a in args]
-        through_op = fn(*leaves)                       # needs gradients: the custom op (and autograd)
+        with fastlm.use_backend(_kernel_backend()):
+            through_op = fn(*leaves)                   # needs gradients: the custom op (and autograd)
         assert through_op.grad_fn is not None, name
         assert torch.equal(direct, through_op.detach()), name
 
@@ -37,4 +45,7 @@ def test_meta_tensors_reach_the_fake_implementations():
     for name, (fn, args) in _calls().items():
         real = fn(*args)
         meta = fn(*[a.to("meta") for a in args])
+        assert meta.device.type == "meta" and meta.shape == real.shape and meta.dtype == real.dtype, name
+        with fastlm.use_backend(_kernel_backend()):
+            meta = fn(*[a.to("meta") for a in args])
         assert meta.device.type == "meta" and meta.shape == real.shape and meta.dtype == real.dtype, name

@@ -11,21 +11,22 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks, reference
-from fastlm.ops._impl import kernel_impl
+from fastlm.ops._impl import bucket, kernel_impl, measurer
 
 OP = "decode_attention"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-backends.register_op(OP, ("reference", "cpu", "cuda", "triton"), cpp_ops=("decode_attention_fwd",))
+backends.register_op(OP, ("torch", "reference", "cpu", "cuda", "triton"), cpp_ops=("decode_attention_fwd",))
 
 
 def _supports(q: Tensor, k: Tensor):
     def check(backend: str) -> str | None:
-        if backend == "reference":
+        if backend == "reference" or backend == "torch":
             return None
         if q.dtype not in _KERNEL_DTYPES:
             return f"dtype {q.dtype} (kernels take float32, float16, bfloat16)"
@@ -37,12 +38,49 @@ def _supports(q: Tensor, k: Tensor):
     return check
 
 
+def torch_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                           scale: float) -> Tensor:
+    """The "torch" backend: F.scaled_dot_product_attention over the whole cache with a length mask
+    (B, 1, 1, S_max); a row with no position gives zeros (as the kernels). Not a kernel: it reads and
+    copies the whole cache, so the measured auto picks it only where it is the fastest anyway."""
+    B, H, D = q.shape
+    S = k_cache.shape[2]
+    valid = torch.arange(S, device=q.device)[None, :] < cache_seqlens.to(q.device)[:, None]     # (B, S)
+    # positions past a row's length are never read by the kernels: zero them here too (a NaN left
+    # there would poison the row through the masked scores and the zero weights)
+    keep = valid[:, None, :, None]
+    k_cache, v_cache = k_cache.masked_fill(~keep, 0.0), v_cache.masked_fill(~keep, 0.0)
+    out = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=valid[:, None, None],
+                                         scale=scale, enable_gqa=k_cache.shape[1] != H)[:, :, 0]
+    return torch.where((cache_seqlens > 0).to(q.device)[:, None, None], out, out.new_zeros(()))
+
+
 def _impl(backend: str):
+    if backend == "torch":
+        return torch_decode_attention
     return kernel_impl(backend, "decode_attention_fwd", "decode")
 
 
+def _key(q: Tensor, k: Tensor, grad: bool) -> tuple:
+    return (q.dtype, k.dtype, q.shape[0], q.shape[1], k.shape[1], bucket(k.shape[2]), q.shape[2], grad)
+
+
+def _select(q: Tensor, k: Tensor, v: Tensor, lens: Tensor, scale: float, grad: bool) -> str:
+    return backends.select(OP, q.device, _supports(q, k), key=_key(q, k, grad),
+                           measure=measurer(lambda q_, k_, v_: decode_attention_unchecked(q_, k_, v_, lens, scale),
+                                            (q, k, v), grad))
+
+
+def kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float):
+    """(backend, fn): the kernel decode_attention runs for inference on inputs like these (q (B, H, D)
+    contiguous, caches (B, Hkv, S_max, D)); fn(q, k_cache, v_cache, cache_seqlens, scale) takes such
+    inputs without checks. For the native GPT-2's decode step."""
+    backend = _select(q, k_cache, v_cache, cache_seqlens, scale, False)
+    return backend, _impl(backend)
+
+
 def _run(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
-    backend = backends.select(OP, q.device, _supports(q, k_cache))
+    backend = backends.select(OP, q.device, _supports(q, k_cache), key=_key(q, k_cache, False))
     return _impl(backend)(q, k_cache, v_cache, cache_seqlens, scale)
 
 
@@ -131,11 +169,7 @@ def decode_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, cach
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     q = query if query.is_contiguous() else query.contiguous()
     k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (key_cache, value_cache))
-    if _fast_path_ok() and not _needs_grad(q, k, v):
-        # Inference: call the chosen backend directly; the custom-op wrapper (needed for autograd and
-        # tracing) costs tens of microseconds per call, a visible share of a CPU decode step.
-        return _run(q, k, v, cache_seqlens, float(scale))
-    return decode_attention_fwd(q, k, v, cache_seqlens, float(scale))
+    return decode_attention_unchecked(q, k, v, cache_seqlens, float(scale))
 
 
 def decode_attention_unchecked(query: Tensor, key_cache: Tensor, value_cache: Tensor, cache_seqlens: Tensor,
@@ -143,6 +177,15 @@ def decode_attention_unchecked(query: Tensor, key_cache: Tensor, value_cache: Te
     """decode_attention for a caller that owns the cache and its lengths (the native GPT-2's decode
     step: lengths bounded by construction, shapes fixed): no argument checks and no host read of the
     lengths. query contiguous (B, H, D), caches with a contiguous last dim. Not part of fastlm.ops."""
-    if _fast_path_ok() and not _needs_grad(query, key_cache, value_cache):
-        return _run(query, key_cache, value_cache, cache_seqlens, float(scale))
-    return decode_attention_fwd(query, key_cache, value_cache, cache_seqlens, float(scale))
+    grad = _needs_grad(query, key_cache, value_cache)
+    backend = _select(query, key_cache, value_cache, cache_seqlens, scale, grad)
+    if backend == "torch":
+        backends._record_last(OP, backend)
+        return torch_decode_attention(query, key_cache, value_cache, cache_seqlens, float(scale))
+    if _fast_path_ok() and not grad:
+        # Inference: call the chosen backend directly; the custom-op wrapper (needed for autograd and
+        # tracing) costs tens of microseconds per call, a visible share of a CPU decode step.
+        backends._record_last(OP, backend)
+        return _impl(backend)(query, key_cache, value_cache, cache_seqlens, float(scale))
+    return backends.run_on(OP, backend, decode_attention_fwd, query, key_cache, value_cache, cache_seqlens,
+                           float(scale))

@@ -19,12 +19,12 @@ from torch import Tensor
 
 from fastlm import _ext, backends
 from fastlm.ops import _checks
-from fastlm.ops._impl import eager_inference, kernel_impl
+from fastlm.ops._impl import bucket, eager_inference, kernel_impl, measurer
 from fastlm.ops.linear import linear
 
 OP = "linear_argmax"
 _MAX_ROWS = 16
-backends.register_op(OP, ("reference", "cpu"), cpp_ops=("linear_argmax_fwd", "linear_argmax_screen"))
+backends.register_op(OP, ("torch", "reference", "cpu"), cpp_ops=("linear_argmax_fwd", "linear_argmax_screen"))
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class LinearArgmaxScreen:
 
 def _supports(x: Tensor, weight: Tensor):
     def check(backend: str) -> str | None:
-        if backend == "reference":
+        if backend == "reference" or backend == "torch":
             return None
         if x.dtype != torch.float32 or weight.dtype != torch.float32:
             return f"dtype {x.dtype} (the screened kernel takes float32)"
@@ -74,9 +74,27 @@ def _supports(x: Tensor, weight: Tensor):
     return check
 
 
+def _key(x: Tensor, weight: Tensor) -> tuple:
+    return (x.dtype, weight.dtype, bucket(x.shape[0]), weight.shape[0], weight.shape[1])
+
+
+def _logit_check(x: Tensor, weight: Tensor):
+    """The parity rule for picked indices: the exact (fp64) logit at a backend's pick must be as close
+    to the row's largest as torch's pick is, within 2x plus the fp32 floor."""
+    def check(outputs, oracle, torch_outputs) -> str | None:
+        logits = x.double() @ weight.double().t()
+        best = logits.max(-1).values
+        got = logits.gather(-1, outputs[0].view(-1, 1)).view(-1)
+        ref = logits.gather(-1, torch_outputs[0].view(-1, 1)).view(-1)
+        tol = 2 * (best - ref).abs().max().item() + backends.ATOL[torch.float32] * max(1.0, best.abs().max().item())
+        gap = (best - got).abs().max().item() if got.numel() else 0.0
+        return None if gap <= tol else f"picked logits {gap:.3e} below the row's largest (torch's: within {tol:.3e})"
+    return check
+
+
 def _run(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor) -> Tensor:
-    backend = backends.select(OP, x.device, _supports(x, weight))
-    if backend == "reference":
+    backend = backends.select(OP, x.device, _supports(x, weight), key=_key(x, weight))
+    if backend in ("reference", "torch"):
         return linear(x, weight).argmax(-1)
     return kernel_impl(backend, "linear_argmax_fwd", "")(x, weight, qweight, scale, slack)
 
@@ -113,20 +131,44 @@ def linear_argmax(input: Tensor, weight: Tensor, screen: LinearArgmaxScreen | No
     if screen is None:
         return linear(x2, weight).argmax(-1).view(input.shape[:-1])
     w = weight if weight.is_contiguous() else weight.contiguous()
+    backend = backends.select(OP, x2.device, _supports(x2, w), key=_key(x2, w), check=_logit_check(x2, w),
+                              measure=measurer(lambda x_: linear_argmax(x_, weight, screen), (x2,), False))
+    if backend == "torch":
+        backends._record_last(OP, backend)
+        return torch.nn.functional.linear(x2, weight).argmax(-1).view(input.shape[:-1])
     args = (x2, w, screen.qweight, screen.scale, screen.slack)
-    out = _run(*args) if eager_inference(x2, w) else linear_argmax_fwd(*args)
+    out = backends.run_on(OP, backend, _run if eager_inference(x2, w) else linear_argmax_fwd, *args)
     return out.view(input.shape[:-1])
 
 
 # ---- linear_topk_logits: the logits top-k sampling needs, through the same screen ----
 
 OP_TOPK = "linear_topk_logits"
-backends.register_op(OP_TOPK, ("reference", "cpu"), cpp_ops=("linear_topk_logits_fwd", "linear_argmax_screen"))
+backends.register_op(OP_TOPK, ("torch", "reference", "cpu"), cpp_ops=("linear_topk_logits_fwd", "linear_argmax_screen"))
+
+
+def _topk_check(k: int):
+    """Parity for screened top-k logits: every finite entry within the parity rule of torch's logit,
+    and every logit clearly above torch's k-th largest present (not -inf)."""
+    def check(outputs, oracle, torch_outputs) -> str | None:
+        out, ref, full = outputs[0].double(), oracle[0].double(), torch_outputs[0].double()
+        fin = torch.isfinite(out)
+        base = (full - ref).abs().max().item()
+        floor = backends.ATOL[torch.float32] * max(1.0, ref.abs().max().item())
+        err = (out - ref).abs()[fin].max().item() if bool(fin.any()) else 0.0
+        if err > 2 * base + floor:
+            return f"finite logits off by {err:.3e} (torch's error {base:.3e})"
+        kth = full.topk(min(k, full.shape[-1]), -1).values[..., -1:]
+        need = full > kth + 2 * base + floor
+        if bool((need & ~fin).any()):
+            return "a logit above the k-th largest is missing (-inf)"
+        return None
+    return check
 
 
 def _run_topk(x: Tensor, weight: Tensor, qweight: Tensor, scale: Tensor, slack: Tensor, k: int) -> Tensor:
-    backend = backends.select(OP_TOPK, x.device, _supports(x, weight))
-    if backend == "reference":
+    backend = backends.select(OP_TOPK, x.device, _supports(x, weight), key=_key(x, weight))
+    if backend in ("reference", "torch"):
         return linear(x, weight)
     return kernel_impl(backend, "linear_topk_logits_fwd", "")(x, weight, qweight, scale, slack, k)
 
@@ -157,6 +199,11 @@ def linear_topk_logits(input: Tensor, weight: Tensor, k: int, screen: LinearArgm
     if screen is None:
         return linear(x2, weight).view(*input.shape[:-1], weight.shape[0])
     w = weight if weight.is_contiguous() else weight.contiguous()
+    backend = backends.select(OP_TOPK, x2.device, _supports(x2, w), key=_key(x2, w), check=_topk_check(k),
+                              measure=measurer(lambda x_: linear_topk_logits(x_, weight, k, screen), (x2,), False))
+    if backend == "torch":
+        backends._record_last(OP_TOPK, backend)
+        return torch.nn.functional.linear(x2, weight).view(*input.shape[:-1], weight.shape[0])
     args = (x2, w, screen.qweight, screen.scale, screen.slack, k)
-    out = _run_topk(*args) if eager_inference(x2, w) else linear_topk_logits_fwd(*args)
+    out = backends.run_on(OP_TOPK, backend, _run_topk if eager_inference(x2, w) else linear_topk_logits_fwd, *args)
     return out.view(*input.shape[:-1], weight.shape[0])
