@@ -245,6 +245,13 @@ _static_choices: dict[tuple, str] = {}  # full key -> static backend (no timing)
 _records: dict[tuple, dict] = {}       # full key -> cached_choices() entry
 _disk: dict | None = None              # entries loaded from _disk_path(), by key string
 _lock = threading.RLock()
+_epoch = [0]                           # bumped when the choices are cleared or re-tuned
+
+
+def choice_epoch() -> int:
+    """A counter that changes whenever cached choices may have changed (clear_choice_cache,
+    tune_mode): callers that memoize kernels chosen through select key them on it."""
+    return _epoch[0]
 
 
 def _static(op: str, dev: str, supports: Callable[[str], str | None], warn: bool = True) -> str:
@@ -611,6 +618,7 @@ def clear_choice_cache(disk: bool = False) -> None:
     """Forget the measured choices in memory (and with disk=True delete this version's disk cache)."""
     global _disk, _disk_loaded_from
     with _lock:
+        _epoch[0] += 1
         _choices.clear()
         _static_choices.clear()
         _records.clear()
@@ -627,6 +635,7 @@ def tune_mode() -> Iterator[None]:
     dropped on entry, the disk cache is bypassed for reads and updated)."""
     global _disk, _disk_loaded_from
     with _lock:
+        _epoch[0] += 1
         _choices.clear()
         _static_choices.clear()
         _records.clear()

@@ -70,8 +70,9 @@ class _DecodeGraph:
     """The decode step captured once in a CUDA graph: static token input, static logits output; the
     cache's buffers and lengths are static by construction."""
 
-    def __init__(self, model: GPT2, cache, batch: int, device):
+    def __init__(self, model: GPT2, cache, batch: int, device, greedy: bool = False, topk: int = 0):
         self.model, self.cache = model, cache
+        self.kw = {"greedy": greedy, "topk": topk}
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph = None
         self.logits = None
@@ -82,12 +83,12 @@ class _DecodeGraph:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up on a side stream (allocator, lazy init), then undo its appends
-                self.model.decode_step(self.tokens, self.cache)
+                self.model.decode_step(self.tokens, self.cache, **self.kw)
                 self.cache.lengths.copy_(lengths0)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.model.decode_step(self.tokens, self.cache)
+            self.logits = self.model.decode_step(self.tokens, self.cache, **self.kw)
         # capture records the work without running it: lengths were not advanced
         self.cache.lengths.copy_(lengths0)
 
@@ -252,12 +253,12 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
 
     t0 = time.perf_counter()
     cache = native.new_cache(B, S + max_new_tokens)
-    # Greedy on CPU: prefill and decode steps return their argmax tokens (ops.linear_argmax over the
-    # LM head's int8 screen: the same tokens, ~1/4 of the head's bytes read).
-    step_picks = not do_sample and device.type == "cpu"
-    # Top-k sampling on CPU: the head's logits through the same screen, exact wherever a row's top-k can
-    # be and -inf elsewhere (ops.linear_topk_logits): pick() then draws what it draws on full logits.
-    topk = min(top_k, c.vocab_size) if do_sample and top_k > 0 and device.type == "cpu" else 0
+    # Greedy: prefill and decode steps return their argmax tokens (the model's head goes through
+    # ops.linear_argmax, whose choice -- the int8 screen on CPU fp32, else the logits' argmax -- is the
+    # ops' own: the same tokens). Top-k sampling: the head's logits through ops.linear_topk_logits,
+    # exact wherever a row's top-k can be and -inf elsewhere: pick() draws what it draws on full logits.
+    step_picks = not do_sample
+    topk = min(top_k, c.vocab_size) if do_sample and top_k > 0 else 0
     first = native.prefill(input_ids, cache, pad_counts, greedy=step_picks, topk=topk)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
@@ -282,7 +283,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
             break
         if step is None:
             if _use_cuda_graph(device):
-                graph = _DecodeGraph(native, cache, B, device)
+                graph = _DecodeGraph(native, cache, B, device, greedy=step_picks, topk=topk)
                 graph.capture()
                 step = graph
             else:

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastlm import backends, ops
+from fastlm import _ext, backends, ops
 from fastlm.ops.decode import decode_attention_unchecked
+from fastlm.ops.decode import kernel as decode_attention_kernel
+from fastlm.ops.layer_norm import kernel as layer_norm_kernel
+from fastlm.ops.linear import kernel as linear_kernel
 # Many-row projections (prefill): the GEMM gelu_ffn's CPU path uses (oneDNN; measured here, interleaved,
 # 512x768->2304 4.2 ms vs 9.2 ms for ops.linear's BLAS), == F.linear elsewhere.
 from fastlm.ops.linear import dense_linear as _dense_linear
@@ -229,35 +232,45 @@ class GPT2(torch.nn.Module):
         return lin(x, self.head_weight, None)
 
     def _decode_kernels(self, x: Tensor):
-        """(linear, add_layer_norm, decode_attention, all three are the C++ kernels) for a decode step
-        on `x`'s device and dtype.
+        """(linear, add_layer_norm, decode_attention, linear and LayerNorm are all the C++ kernels)
+        for a decode step on `x` (B, d): the kernels the ops choose for these shapes (fastlm.ops'
+        `kernel(...)`: the measured auto, or the backend fastlm.use_backend forces).
 
         A CPU decode step makes ~100 op calls; through the public ops each pays its argument checks,
         backend selection and wrappers (~10-30 us: ~2 ms a step at batch 1, next to ~10 ms of weight
-        reads). The step's shapes and dtypes hold by construction, so where the selected backend is
-        the C++ one (honouring fastlm.use_backend), its kernel is called directly; otherwise the
-        public op. add_layer_norm(x, residual or None, w, b, eps) -> (out, summed)."""
-        dev = x.device
-        if dev.type != "cpu" or torch.compiler.is_compiling():
+        reads). The step's shapes and dtypes hold by construction, so where every projection's chosen
+        backend is one raw kernel, it is called directly; otherwise the public ops (which choose per
+        call). Memoized per (device, dtype, batch, forced backend, choice epoch).
+        add_layer_norm(x, residual or None, w, b, eps) -> (out, summed)."""
+        if torch.compiler.is_compiling():
             return self._generic_kernels() + (False,)
-        kernel_dtype = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        ok = lambda backend: None if backend == "reference" or kernel_dtype else "dtype"  # noqa: E731
+        memo_key = (x.device, x.dtype, x.shape[0], backends.current_backend(), backends.choice_epoch())
+        memo = self.__dict__.setdefault("_decode_kernel_memo", {})
+        hit = memo.get(memo_key)
+        if hit is not None:
+            return hit
         lin, ln, att = self._generic_kernels()
+        blk = self.blocks[0]
+        hidden = x.new_zeros((x.shape[0], blk.fc.weight.shape[0]))
+        picks = {linear_kernel(inp, w, b)[1] for inp, w, b in (
+            (x, blk.c_attn.weight, blk.c_attn.bias), (x, blk.c_proj.weight, blk.c_proj.bias),
+            (x, blk.fc.weight, blk.fc.bias), (hidden, blk.proj.weight, blk.proj.bias))}
         n_cpp = 0
-        if backends.select("linear", dev, ok) == "cpu":
-            lin = torch.ops.fastlm_C.linear_fwd
-            n_cpp += 1
-        if backends.select("add_layer_norm", dev, ok) == "cpu" and backends.select("layer_norm", dev, ok) == "cpu":
-            raw = torch.ops.fastlm_C.layer_norm_fwd
-            n_cpp += 1
+        if len(picks) == 1:
+            lin = picks.pop()
+            n_cpp += lin is torch.ops.fastlm_C.linear_fwd if _ext.load() is not None else 0
+        ln_kernels = {layer_norm_kernel(x, res, blk.ln_2.weight, blk.ln_2.bias)[1] for res in (None, x)}
+        if len(ln_kernels) == 1 and None not in ln_kernels:
+            raw = ln_kernels.pop()
+            n_cpp += raw is torch.ops.fastlm_C.layer_norm_fwd if _ext.load() is not None else 0
 
             def ln(x, res, w, b, eps):
                 out = raw(x, res, w, b, eps)
                 return out[0], out[1]
-        if backends.select("decode_attention", dev, ok) == "cpu":
-            att = torch.ops.fastlm_C.decode_attention_fwd
-            n_cpp += 1
-        return lin, ln, att, n_cpp == 3
+        out = (lin, ln, att, n_cpp == 2)
+        memo.clear()
+        memo[memo_key] = out
+        return out
 
     def _generic_ln(self, x, res, w, b, eps):
         n = self.config.n_embd
@@ -266,7 +279,7 @@ class GPT2(torch.nn.Module):
         return ops.add_layer_norm(x, res, (n,), w, b, eps)
 
     def _generic_kernels(self):
-        def att(q, k, v, lens, scale):
+        def att(q, k, v, lens, scale):   # the op's choice (a cached lookup per call), unchecked
             return decode_attention_unchecked(q.contiguous(), k, v, lens, scale)
 
         return ops.linear, self._generic_ln, att
@@ -320,7 +333,9 @@ class GPT2(torch.nn.Module):
         gelu = F.gelu
         nb = len(self.blocks)
         x, _ = ln(h, None, self.blocks[0].ln_1.weight, self.blocks[0].ln_1.bias, self.blocks[0].ln_1.eps)
-        if all_cpp and os.environ.get("FASTLM_DECODE_LAYERS", "1") != "0":
+        if (all_cpp and os.environ.get("FASTLM_DECODE_LAYERS", "1") != "0"
+                and decode_attention_kernel(x.new_zeros((B, H, D)), cache.keys(0), cache.values(0), lens,
+                                            scale)[1] is torch.ops.fastlm_C.decode_attention_fwd):
             # the same kernels in the same order, looped in C++ (csrc/cpu/decode_layers.cpp): no Python
             # between them. FASTLM_DECODE_LAYERS=0 runs the Python loop below.
             eps = [e for blk, nxt in zip(self.blocks, [b.ln_1 for b in self.blocks[1:]] + [self.ln_f])
