@@ -179,6 +179,10 @@ def _available(op: str | None, dev: str) -> tuple[str, ...]:
     return result
 
 
+# torch.compile takes what a machine has as a constant of the trace (probing the extension is not traceable)
+_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _cached_reason(backend: str, dev: str, op: str) -> str | None:
     key = (backend, dev, op, os.environ.get("TRITON_INTERPRET"))
     if key not in _reason_cache:
@@ -324,7 +328,7 @@ def select(op: str, device, supports: Callable[[str], str | None], measure: Opti
         return forced
     if key is None:
         return _static(op, dev, supports)
-    full = (op, dev, _platforms.get(device) or platform(device), key)
+    full = (op, dev, platform(device), key)
     hit = _choices.get(full)
     if hit is not None:
         return hit

@@ -129,7 +129,9 @@ def linear_argmax(input: Tensor, weight: Tensor, screen: LinearArgmaxScreen | No
     _check_screen_args(OP, input, weight, screen)
     x2 = _checks.rows(input, weight.shape[1])
     if screen is None:
-        return linear(x2, weight).argmax(-1).view(input.shape[:-1])
+        out = linear(x2, weight).argmax(-1).view(input.shape[:-1])
+        backends._record_last(OP, backends.last_choice("linear"))
+        return out
     w = weight if weight.is_contiguous() else weight.contiguous()
     backend = backends.select(OP, x2.device, _supports(x2, w), key=_key(x2, w), check=_logit_check(x2, w),
                               measure=measurer(lambda x_: linear_argmax(x_, weight, screen), (x2,), False))
@@ -197,7 +199,9 @@ def linear_topk_logits(input: Tensor, weight: Tensor, k: int, screen: LinearArgm
         raise ValueError(f"fastlm.ops.{OP_TOPK}: k must be an int >= 1, got {k!r}")
     x2 = _checks.rows(input, weight.shape[1])
     if screen is None:
-        return linear(x2, weight).view(*input.shape[:-1], weight.shape[0])
+        out = linear(x2, weight).view(*input.shape[:-1], weight.shape[0])
+        backends._record_last(OP_TOPK, backends.last_choice("linear"))
+        return out
     w = weight if weight.is_contiguous() else weight.contiguous()
     backend = backends.select(OP_TOPK, x2.device, _supports(x2, w), key=_key(x2, w), check=_topk_check(k),
                               measure=measurer(lambda x_: linear_topk_logits(x_, weight, k, screen), (x2,), False))
