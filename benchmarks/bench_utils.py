@@ -1,4 +1,5 @@
-"""Turns registry cases into pytest-benchmark parameters: one test per (case, contender)."""
+"""Turns registry cases into pytest-benchmark parameters: one test per case, timing its "fastlm:auto"
+row (the default backend choice) and recording what auto picked."""
 from __future__ import annotations
 
 import pytest
@@ -34,6 +35,22 @@ def time_callable(benchmark, fn, device: torch.device, pedantic: bool = False) -
         benchmark(timed)
 
 
+def auto_label(bound) -> str:
+    """The contender a pytest-benchmark test times: fastlm's default choice ("fastlm:auto", what users
+    get), else the first fastlm row, else the baseline."""
+    labels = bound.auto_labels or [k for k in bound.impls if k.startswith("fastlm")]
+    return labels[0] if labels else bound.baseline
+
+
+def record_auto(benchmark, bound, label: str) -> None:
+    """extra_info: the label timed and, for an auto row, the backend auto picked per op."""
+    from fastlm.bench.runner import auto_picks
+
+    benchmark.extra_info["impl"] = label
+    if label in bound.auto_labels:
+        benchmark.extra_info["auto_picks"] = auto_picks(bound.impls[label])
+
+
 _bound_cache: dict = {}
 
 
@@ -46,6 +63,6 @@ def run_case(benchmark, request, case):
     if bound.check is not None:
         errors = bound.check()
         benchmark.extra_info["max_err"] = errors
-    label = next(iter(k for k in bound.impls if k.startswith("fastlm:")), bound.baseline)
+    label = auto_label(bound)
     time_callable(benchmark, bound.impls[label], device)
-    benchmark.extra_info["impl"] = label
+    record_auto(benchmark, bound, label)

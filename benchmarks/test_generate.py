@@ -1,11 +1,11 @@
 """pytest-benchmark over the "generate" suite (the same cases `fastlm bench --suite generate` runs):
-one test per case, timing fastlm's contender ("fastlm" or "fastlm:<backend>"). GPT-2 generation is
+one test per case, timing fastlm's default choice ("fastlm:auto"). GPT-2 generation is
 long on a CPU: pick cases with -k, e.g.
 pytest benchmarks/test_generate.py --benchmark-only -k "generate-b1"."""
 import pytest
 import torch
 
-from bench_utils import device_and_dtype, time_callable
+from bench_utils import auto_label, device_and_dtype, record_auto, time_callable
 from fastlm.bench import registry
 
 
@@ -22,5 +22,6 @@ def test_generate(benchmark, request, case):
     bound = case.make(device, dtype)
     if bound.check is not None:
         benchmark.extra_info["errors"] = bound.check()
-    label = "fastlm" if "fastlm" in bound.impls else next(k for k in bound.impls if k.startswith("fastlm:"))
+    label = auto_label(bound)
     time_callable(benchmark, bound.impls[label], device, pedantic=True)
+    record_auto(benchmark, bound, label)

@@ -7,7 +7,8 @@ import torch
 from bench_utils import device_and_dtype, time_callable
 from fastlm.bench import registry
 
-LABELS = ("hf eager", "hf sdpa", "patched", "native", "patched (reference ops)", "native (reference ops)")
+LABELS = ("hf eager", "hf sdpa", "fastlm:auto (patched)", "fastlm:auto (native)", "fastlm:reference (patched)",
+          "fastlm:reference (native)", "fastlm:torch (patched)", "fastlm:torch (native)")
 _current: dict = {}
 
 

@@ -425,3 +425,97 @@ def test_import_fastlm_without_transformers_and_lazy_registration():
         "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS\n"
         "print('fastlm' in ALL_ATTENTION_FUNCTIONS, 'fastlm' in ALL_MASK_ATTENTION_FUNCTIONS)\n")
     assert out.split() == ["True", "True"]
+
+
+# ---------------------------------------------------------------- attention weights (output_attentions)
+
+def _attentions_match(out, ref, mask, n_layers=2):
+    assert len(ref.attentions) == n_layers, "the unpatched eager model returns one weight tensor per layer"
+    assert len(out.attentions) == n_layers, f"patched model returned {len(out.attentions)} attention tensors"
+    rows = mask.bool()[:, None, :, None]          # real query rows (padded rows are garbage-in either way)
+    for i, (a, r) in enumerate(zip(out.attentions, ref.attentions)):
+        assert a.shape == r.shape
+        err = (a.double() - r.double()).abs().masked_fill(~rows, 0).max().item()
+        print(f"attentions[{i}] {tuple(a.shape)}: max err {err:.2e}")
+        assert err < 1e-5
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_output_attentions_equal_unpatched(arch, padding):
+    cls, cfg = (GPT2LMHeadModel, gpt2_config("eager")) if arch == "gpt2" else (BertModel, bert_config("eager"))
+    model = make(cls, cfg)
+    ids, mask = batch(padding)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, output_attentions=True)
+        patched(model)
+        out = model(ids, attention_mask=mask, output_attentions=True)
+        plain = model(ids, attention_mask=mask)          # the next call without weights: fastlm's kernel again
+    _attentions_match(out, ref, mask)
+    head = "logits" if arch == "gpt2" else "last_hidden_state"
+    assert max_err(getattr(out, head), getattr(ref, head), mask) < 1e-4
+    assert max_err(getattr(plain, head), getattr(ref, head), mask) < 1e-4
+    assert getattr(plain, "attentions", None) in (None, ())
+
+
+def test_output_attentions_from_config():
+    """A model built (eager) with config.output_attentions=True to get weights keeps getting them once patched;
+    a call that turns them off runs fastlm's attention op."""
+    model = make(GPT2LMHeadModel, gpt2_config("eager", output_attentions=True))
+    ids, mask = batch("left")
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask)
+    patched(model)
+    assert model.config._attn_implementation == "fastlm"
+    calls = []
+    orig = fhf.ops.scaled_dot_product_attention
+    fhf.ops.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask)
+            assert calls == []                      # weights asked: the eager attention ran
+            plain = model(ids, attention_mask=mask, output_attentions=False)
+            assert len(calls) == 2                  # one per layer: fastlm's fused attention
+    finally:
+        fhf.ops.scaled_dot_product_attention = orig
+    _attentions_match(out, ref, mask)
+    assert max_err(plain.logits, ref.logits, mask) < 1e-4
+
+
+def test_output_attentions_gradients_flow():
+    model = make(GPT2LMHeadModel, gpt2_config("eager")).train()
+    ids, mask = batch("right")
+    ref = model(ids, attention_mask=mask, output_attentions=True)
+    ref_g = torch.autograd.grad(sum(a.sum() for a in ref.attentions) + ref.logits.sum(), model.transformer.wte.weight)[0]
+    patched(model)
+    out = model(ids, attention_mask=mask, output_attentions=True)
+    g = torch.autograd.grad(sum(a.sum() for a in out.attentions) + out.logits.sum(), model.transformer.wte.weight)[0]
+    print(f"grad err {max_err(g, ref_g):.2e}")
+    assert max_err(g, ref_g) < 1e-4 * (ref_g.abs().max().item() + 1)
+
+
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_assisted_generate(output_attentions):
+    """HF's assisted (speculative) generate on a patched target and assistant: same tokens and scores as
+    unpatched eager models; with output_attentions it needs one weight tensor per layer (it indexed an empty
+    tuple before)."""
+    target = make(GPT2LMHeadModel, gpt2_config("eager"))
+    torch.manual_seed(1)
+    cfg_a = gpt2_config("eager")
+    cfg_a.n_layer = 1
+    assistant = GPT2LMHeadModel(cfg_a).eval()
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_scores=True, output_attentions=output_attentions)
+    ref = target.generate(ids, assistant_model=assistant, **kw)
+    patched(target)
+    patched(assistant)
+    out = target.generate(ids, assistant_model=assistant, **kw)
+    assert torch.equal(out.sequences, ref.sequences) and out.sequences.shape[1] == 16
+    assert len(out.scores) == len(ref.scores) == 10
+    assert max(max_err(a, b) for a, b in zip(out.scores, ref.scores)) < 1e-3
+    if output_attentions:
+        assert len(out.attentions) == len(ref.attentions) == 10
+        for step_out, step_ref in zip(out.attentions, ref.attentions):
+            assert len(step_out) == len(step_ref) == 2
+            assert max(max_err(a, b) for a, b in zip(step_out, step_ref)) < 1e-5

@@ -4,14 +4,16 @@ few-row linear, for GPT-2 small / medium shapes with random weights.
 - "gpt2 generate bB pP nN": greedy generation of N new tokens after a P-token prompt, B rows;
   tokens = B * N new tokens (tokens/s over the whole call, prefill included, as HF's numbers are).
   Contenders: "hf eager" (baseline), "hf sdpa", "hf static+compile" (CUDA only: its static cache
-  and torch.compile'd forward), "fastlm" (fastlm.generate on the native GPT-2 of the same weights).
+  and torch.compile'd forward), "fastlm:auto" (fastlm.generate on the native GPT-2 of the same weights,
+  the default backend choice; `--weights` int8/bf16 quantizes it).
   Parity: the number of tokens that differ from "hf sdpa" (0 expected).
 - "gpt2 prefill bB pP" / "gpt2 decode step bB ctxP": the two phases alone (HF: forward with a cache;
-  fastlm: GPT2.prefill / GPT2.decode_step); tokens/s.
+  fastlm: GPT2.prefill / GPT2.decode_step under "auto", and with every op forced to "torch" where
+  fastlm has that backend); tokens/s.
 - "decode_attention bB hH kvK sS dD": GB/s (K and V rows read up to each row's length) against the
   reference and torch's SDPA over a masked cache.
 - "linear_argmax MxK->N": the greedy pick over GPT-2's LM head: F.linear + argmax, ops.linear +
-  argmax, and "fastlm" = ops.linear_argmax through the int8 screen (CPU fp32); GB/s of the fp32
+  argmax, and "fastlm:auto" = ops.linear_argmax through the int8 screen (CPU fp32); GB/s of the fp32
   weight (what a full product reads, so the screened rate is an effective one); check: index
   mismatches against the fp64 argmax.
 - "linear MxK->N": the decode-step GEMM, GB/s of weights read (from memory: calls rotate over copies
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import ops
-from fastlm.bench.common import bench_backends, max_err
+from fastlm.bench.common import AUTO, apply_weights, bench_backends, max_err
 from fastlm.bench.registry import Bound, Case, register
 from fastlm.ops import reference
 from fastlm.ops.decode import decode_attention_unchecked
@@ -66,7 +68,7 @@ def _make_generate(size, B, P, N):
         eager = _hf_model(size, device, dtype, "eager")
         sdpa = _hf_model(size, device, dtype, "sdpa")
         sdpa.load_state_dict(eager.state_dict())
-        native = fastlm.models.GPT2.from_hf(eager)
+        native = apply_weights(fastlm.models.GPT2.from_hf(eager))
         ids = _prompt(B, P, device)
         mask = torch.ones_like(ids)
 
@@ -79,7 +81,7 @@ def _make_generate(size, B, P, N):
         impls = {"hf eager": hf(eager), "hf sdpa": hf(sdpa)}
         if device.type == "cuda":
             impls["hf static+compile"] = hf(sdpa, cache_implementation="static", compile_config=None)
-        impls["fastlm"] = lambda: fastlm.generate(native, ids, max_new_tokens=N)
+        impls[AUTO] = lambda: fastlm.generate(native, ids, max_new_tokens=N)
 
         def check():
             ref = impls["hf sdpa"]()
@@ -94,7 +96,7 @@ def _make_phase(size, B, P, phase):
         from transformers import DynamicCache
 
         hf = _hf_model(size, device, dtype, "sdpa")
-        native = fastlm.models.GPT2.from_hf(hf)
+        native = apply_weights(fastlm.models.GPT2.from_hf(hf))
         ids = _prompt(B, P, device)
         if phase == "prefill":
             def hf_fn():
@@ -125,10 +127,15 @@ def _make_phase(size, B, P, phase):
                 return native.decode_step(tok[:, 0], cache)
             tokens = B
 
-        def check():
-            return {"fastlm": max_err(fl_fn().float(), hf_fn().float())}
+        impls = {"hf sdpa": hf_fn, AUTO: fl_fn}
+        if "torch" in fastlm.available_backends("linear", device.type):
+            impls["fastlm:torch"] = functools.partial(_with_backend, "torch", fl_fn)
 
-        return Bound({"hf sdpa": hf_fn, "fastlm": fl_fn}, tokens=tokens, check=check, baseline="hf sdpa")
+        def check():
+            ref = hf_fn().float()
+            return {k: max_err(fn().float(), ref) for k, fn in impls.items() if k != "hf sdpa"}
+
+        return Bound(impls, tokens=tokens, check=check, baseline="hf sdpa")
     return make
 
 
@@ -226,7 +233,7 @@ def _make_linear_argmax(M, K, N):
         impls = {"torch (F.linear + argmax)": rotating(lambda i: F.linear(x, copies[i]).argmax(-1)),
                  "ops.linear + argmax": rotating(lambda i: ops.linear(x, copies[i]).argmax(-1)),
                  # the op under test: through the int8 screen where it applies (CPU fp32)
-                 "fastlm": rotating(lambda i: ops.linear_argmax(x, copies[i],
+                 AUTO: rotating(lambda i: ops.linear_argmax(x, copies[i],
                                                                 None if screens is None else screens[i]))}
 
         def check():
@@ -235,7 +242,7 @@ def _make_linear_argmax(M, K, N):
             return {label: float((fn() != oracle).sum()) for label, fn in
                     [("torch (F.linear + argmax)", lambda: F.linear(x, w).argmax(-1)),
                      ("ops.linear + argmax", lambda: ops.linear(x, w).argmax(-1)),
-                     ("fastlm", lambda: ops.linear_argmax(x, w, None if screens is None else screens[0]))]}
+                     (AUTO, lambda: ops.linear_argmax(x, w, None if screens is None else screens[0]))]}
 
         # bytes: the fp32 weight a full product reads (the screened kernel reads ~1/4 of it)
         return Bound(impls, bytes=N * K * w.element_size(), check=check, baseline="torch (F.linear + argmax)")

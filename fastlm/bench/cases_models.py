@@ -3,10 +3,13 @@ backward, no optimizer), per (batch, seq). Contenders, all sharing one set of we
 
 - "hf eager":  transformers, attn_implementation="eager" (the baseline)
 - "hf sdpa":   transformers, attn_implementation="sdpa"
-- "patched":   fastlm.patch(hf eager model)
-- "native":    fastlm.models.Bert / fastlm.models.GPT2 (inference only; GPT2: prefill into a fresh
-               static KV cache, which returns the last position's logits)
-- "patched (reference ops)", "native (reference ops)": the same with every fastlm op on its reference
+- "fastlm:auto (patched)":  fastlm.patch(hf eager model), the default backend choice
+- "fastlm:auto (native)":   fastlm.models.Bert / fastlm.models.GPT2 (inference only; GPT2: prefill into a
+                            fresh static KV cache, which returns the last position's logits)
+- "fastlm:reference (patched)", "fastlm:reference (native)": the same with every fastlm op on its reference
+- "fastlm:torch (patched)", "fastlm:torch (native)": every op forced to fastlm's "torch" backend (torch's
+  own ops behind fastlm's dispatch: the integration's cost without fastlm's kernels), where it exists
+`--weights int8|bf16` quantizes the fastlm models of the inference cases (fastlm.quantize).
 
 Each case checks parity first: the max |difference| of the output (inference: the last hidden state /
 logits; training: the loss) of each contender against "hf eager". Work: tokens = batch x seq;
@@ -20,8 +23,10 @@ import warnings
 
 import torch
 
+from fastlm.bench.common import apply_weights
 from fastlm.bench.registry import Bound, Case, register
 
+PATCHED, NATIVE = "fastlm:auto (patched)", "fastlm:auto (native)"
 SHAPES = ((1, 128), (8, 128), (32, 128), (8, 512), (8, 1024))
 QUICK = {(1, 128), (8, 128)}
 
@@ -99,15 +104,15 @@ def _make(arch: str, B: int, S: int, train: bool):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PatchWarning)
                 fastlm.patch(m)
-            return m
+            return m if train else apply_weights(m)
 
         def build_native():
             native_cls = fastlm.models.Bert if arch == "bert" else fastlm.models.GPT2
-            return native_cls.from_hf(build_eager())
+            return apply_weights(native_cls.from_hf(build_eager()))
 
-        builders = {"hf eager": build_eager, "hf sdpa": build_sdpa, "patched": build_patched}
+        builders = {"hf eager": build_eager, "hf sdpa": build_sdpa, PATCHED: build_patched}
         if not train:
-            builders["native"] = build_native
+            builders[NATIVE] = build_native
         # Small shapes keep every model alive; large ones keep one at a time (built again when its turn
         # comes): a GPT-2 training step at 8x1024 needs ~15 GB, and four at once went past 24 GB.
         models = _Models(builders, keep_all=B * S < 4096)
@@ -142,11 +147,13 @@ def _make(arch: str, B: int, S: int, train: bool):
                 return loss.detach()
             return fn
 
-        impls = {k: (step(k) if train else infer(k, k == "native")) for k in builders}
-        # the same fastlm models with every op forced onto its reference backend: separates the
-        # integration (patch / native model) from the speed of the op backends "auto" picks
-        for k in [k for k in impls if k in ("patched", "native")]:
-            impls[f"{k} (reference ops)"] = _forced(impls[k], "reference")
+        impls = {k: (step(k) if train else infer(k, k == NATIVE)) for k in builders}
+        # the same fastlm models with every op forced onto the reference (and torch) backend: separates
+        # the integration (patch / native model) from the speed of the op backends "auto" picks
+        forced = ["reference"] + (["torch"] if "torch" in fastlm.available_backends("linear", device.type) else [])
+        for k in [k for k in impls if k in (PATCHED, NATIVE)]:
+            for be in forced:
+                impls[k.replace("fastlm:auto", f"fastlm:{be}")] = _forced(impls[k], be)
 
         def check():
             ref = impls["hf eager"]()

@@ -1,5 +1,9 @@
 """Helpers shared by the case modules: which fastlm backends to benchmark, element sizes, and
-parity against the fp64 reference."""
+parity against the fp64 reference.
+
+Every case times "fastlm:auto" (the default choice: what users get) beside each forced backend
+("fastlm:cpu", "fastlm:cuda", "fastlm:triton", "fastlm:torch", ...); the runner records which backend
+auto picked for each op the auto row ran (fastlm.backends.last_choice)."""
 from __future__ import annotations
 
 import os
@@ -9,11 +13,45 @@ import torch
 import fastlm
 
 
+AUTO = "fastlm:auto"          # the label of the default-choice row in every case
+
+
 def bench_backends(op: str, device: torch.device) -> list[str]:
-    """fastlm's kernel backends for `op` on `device`, minus the reference (a baseline of its own)
-    and minus Triton under the CPU interpreter (correct but not a speed contender)."""
-    return [b for b in fastlm.available_backends(op, device.type)
-            if b != "reference" and not (b == "triton" and device.type == "cpu")]
+    """"auto" (the default choice), then fastlm's backends for `op` on `device` (its kernels and, where
+    fastlm has it, the "torch" backend: torch's own op through fastlm's dispatch), minus the reference
+    (a baseline of its own) and minus Triton under the CPU interpreter (correct but not a speed
+    contender). Label each as f"fastlm:{backend}" and run it under fastlm.use_backend(backend)."""
+    return ["auto"] + [b for b in fastlm.available_backends(op, device.type)
+                       if b != "reference" and not (b == "triton" and device.type == "cpu")]
+
+
+# The weights the fastlm models of the models/generate suites run with (`fastlm bench --weights`).
+WEIGHTS_CHOICES = ("fp32", "bf16", "int8")
+_weights = ["fp32"]
+
+
+def set_weights(weights: str) -> None:
+    if weights not in WEIGHTS_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHTS_CHOICES}, got {weights!r}")
+    _weights[0] = weights
+
+
+def weights() -> str:
+    return _weights[0]
+
+
+def quantize_or_error(model, weights: str):
+    """fastlm.quantize(model, weights=...) in place; a clear error where this build has no fastlm.quantize."""
+    quantize = getattr(fastlm, "quantize", None)
+    if quantize is None:
+        raise RuntimeError(f"--weights {weights}: this fastlm build has no fastlm.quantize (int8/bf16 weights)")
+    return quantize(model, weights=weights)
+
+
+def apply_weights(model):
+    """The fastlm model with the run's weights: unchanged for fp32, else fastlm.quantize'd."""
+    w = weights()
+    return model if w == "fp32" else quantize_or_error(model, w)
 
 
 def max_err(out: torch.Tensor, oracle: torch.Tensor) -> float:

@@ -4,7 +4,13 @@ A Case is one benchmarked shape of one op family. `make(device, dtype)` builds t
 returns a Bound: the callables to time (each contender under its own label, fastlm's backends as
 "fastlm:<backend>"), the work per call (bytes moved, flops, tokens) from which the report derives
 GB/s, TFLOP/s and tokens/s, and a parity check that returns the max error of each contender against
-the reference. Case modules are the files fastlm/bench/cases_*.py; each calls `register(...)` at import.
+the reference. Case modules are the files fastlm/bench/cases_*.py (all of them, found at run time:
+cases_serve.py, cases_quant.py, ... from other parts of fastlm join without an edit here); each calls
+`register(...)` at import. A module that fails to import is reported (`load_errors`) as an error row
+of every run, so `fastlm bench` exits non-zero, instead of silently dropping its cases.
+
+Rows labelled "fastlm:auto" (common.AUTO; `Bound.auto_labels`) run under fastlm's default backend
+choice: the report names the backend auto picked for each op they ran.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-SUITES = ("kernels", "models", "generate")
+SUITES = ("kernels", "models", "generate", "serve")
 
 
 @dataclass
@@ -25,7 +31,12 @@ class Bound:
     flops: float = 0.0                               # flops per call (matmul, attention): TFLOP/s
     tokens: float = 0.0                              # tokens per call (end to end): tokens/s
     check: Callable[[], dict[str, float]] | None = None  # label -> max abs error vs the reference
-    baseline: str | None = None                      # label the speedups are relative to
+    baseline: str | None = None                      # label the speedups are relative to (torch's own path)
+
+    @property
+    def auto_labels(self) -> list[str]:
+        """The contenders that run under fastlm's default ("auto") backend choice."""
+        return [k for k in self.impls if k.startswith("fastlm:auto")]
 
 
 @dataclass
@@ -42,6 +53,7 @@ class Case:
 
 _CASES: list[Case] = []
 _loaded = False
+load_errors: dict[str, str] = {}                     # case module -> why it could not be imported
 
 
 def register(case: Case) -> Case:
@@ -57,9 +69,12 @@ def _load() -> None:
         return
     import fastlm.bench as pkg
 
-    for info in pkgutil.iter_modules(pkg.__path__):
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         if info.name.startswith("cases_"):
-            importlib.import_module(f"fastlm.bench.{info.name}")
+            try:
+                importlib.import_module(f"fastlm.bench.{info.name}")
+            except Exception as e:  # noqa: BLE001 - one broken case module must not hide the others
+                load_errors[f"fastlm.bench.{info.name}"] = f"{type(e).__name__}: {e}"
     _loaded = True
 
 

@@ -8,7 +8,9 @@ How it works (everything is driven by the table `_RULES` below, nothing is writt
   when a plain causal/full mask can be expressed by `is_causal`) under the same name with the mask
   interface. `patch` points the model at it with `model.set_attn_implementation("fastlm")`; the
   previous implementation is restored by `unpatch`. `from_pretrained(..., attn_implementation="fastlm")`
-  works once fastlm is imported (the registration runs when transformers is first imported).
+  works once fastlm is imported (the registration runs when transformers is first imported). A call that
+  asks for attention weights (`output_attentions=True`) runs the model's eager attention for that call
+  and returns them (fastlm's fused kernel never materializes them), so HF's assisted generate works too.
 - **Modules.** A rule names a module class (by import path, resolved lazily: fastlm imports without
   transformers) and the fastlm forward that replaces its forward. Patching swaps the module's
   `__class__` for a subclass carrying that forward: the module object, its parameters (never copied),
@@ -111,12 +113,62 @@ class _BertLayerForward:
         return _add_ln(out.LayerNorm, out.dropout(y), attention_output)[0]
 
 
+def _weights_requested(kwargs) -> bool:
+    """True when this call's caller asked for attention weights: `output_attentions=True` reaching the
+    attention function (older transformers) or, in transformers 5.x, HF's output recorder collecting
+    "attentions" for the current forward (set by `output_attentions=True` or `config.output_attentions`)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:                       # another transformers layout: only the kwarg tells
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def _eager_mask(attention_mask: Optional[Tensor], is_causal: bool, q_len: int, kv_len: int,
+                dtype: torch.dtype, device) -> Optional[Tensor]:
+    """The mask in the additive form eager attention adds to its scores: bool (True = attend) -> 0 or the
+    dtype's min (as HF's eager mask); None + causal -> the top-left aligned causal mask over kv_len (keys
+    past q_len, an unwritten static-cache tail, get zero weight)."""
+    if attention_mask is None:
+        if not is_causal:
+            return None
+        attention_mask = (torch.arange(kv_len, device=device)[None, :]
+                          <= torch.arange(q_len, device=device)[:, None])[None, None]
+    if attention_mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(attention_mask, zero, torch.finfo(dtype).min)
+    return attention_mask
+
+
+def _eager_attention(module, query, key, value, mask, dropout, scaling, **kwargs):
+    """The model's own eager attention (`eager_attention_forward` of the module's modeling file, the function
+    HF itself uses to return weights), else the same math here. -> ((B, S, H, D), weights (B, H, Sq, Sk))."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is not None:
+        return fn(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    w = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if mask is not None:
+        w = w + mask
+    w = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, value).transpose(1, 2).contiguous(), w
+
+
 def fastlm_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                              dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                             **kwargs) -> tuple[Tensor, None]:
+                             **kwargs) -> tuple[Tensor, Optional[Tensor]]:
     """transformers' attention-interface function for "fastlm": query/key/value (B, H, S, D), the mask in
-    SDPA format (bool, True = attend; or additive; None when is_causal covers it). Returns ((B, S, H, D), None):
-    like "sdpa" it does not return attention weights."""
+    SDPA format (bool, True = attend; or additive; None when is_causal covers it). Returns ((B, S, H, D), None)
+    through fastlm's fused attention; when the caller asked for attention weights (`output_attentions=True`,
+    or `config.output_attentions`), that call goes through the model's eager attention instead and returns
+    ((B, S, H, D), weights (B, H, Sq, Sk)), as the unpatched eager model does."""
     enable_gqa = False
     if getattr(module, "num_key_value_groups", 1) > 1:
         enable_gqa = True
@@ -124,6 +176,10 @@ def fastlm_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # the mask interface returns None exactly when is_causal (top-left aligned) or no mask is right
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if _weights_requested(kwargs):
+        mask = _eager_mask(attention_mask, is_causal, q_len, kv_len, query.dtype, query.device)
+        kwargs.pop("output_attentions", None)
+        return _eager_attention(module, query, key, value, mask, dropout, scaling, **kwargs)
     if is_causal and kv_len > q_len:          # empty static cache at prefill: the tail is unwritten
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,

@@ -161,6 +161,27 @@ def attention_dropout_keep_ref(rng: Tensor, dropout_p: float, B: int, H: int, Sq
     return keep.view(B, H, Sq, Sk)
 
 
+def _attention_dtype(q: Tensor, upcast: bool) -> torch.dtype:
+    """Attention's compute dtype: upcast on CPU -> fp64 (the scores q k^T reach |s| ~ 1e3 on large
+    logits, where fp32 rounding of s alone costs ~1e-4 in p); upcast elsewhere -> at least fp32."""
+    if upcast and q.device.type == "cpu":
+        return torch.float64
+    return _compute_dtype(q.dtype, upcast)
+
+
+def _attention_probs(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable softmax of the scores s (..., Sk) -> (p, lse). The row max is subtracted before exp (the
+    max element's exp is exactly 1) and p is normalized by its own sum, so lse's rounding at large |s|
+    never reaches p. A row with no finite score (fully masked) gives p = 0 and lse = -inf."""
+    m = s.amax(dim=-1, keepdim=True)
+    dead = torch.isinf(m) & (m < 0)
+    e = torch.exp(s - m.masked_fill(dead, 0.0))
+    l = e.sum(dim=-1, keepdim=True)
+    p = (e / l.masked_fill(dead, 1.0)).masked_fill(dead, 0.0)
+    lse = (m + torch.log(l)).masked_fill(dead, float("-inf")).squeeze(-1)
+    return p, lse
+
+
 def _attention_scores(q, k, mask, scale, is_causal, ct):
     """-> scores (B, H, Sq, Sk) in ct, with k expanded over the GQA groups."""
     B, H, Sq, D = q.shape
@@ -184,20 +205,18 @@ def attention_fwd_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
        s = scale * q k^T + mask (causal: -inf above the diagonal),  p = exp(s - lse),
        out = (p * keep / (1 - dropout_p)) @ v
     dropout_keep: the keep mask to use instead of drawing one from rng (testing hook)."""
-    ct = _compute_dtype(q.dtype, upcast)
+    ct = _attention_dtype(q, upcast)
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     group = H // k.shape[1]
     s = _attention_scores(q, k, mask, scale, is_causal, ct)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse)[..., None], 0.0))
-    p = p.masked_fill(torch.isinf(lse)[..., None], 0.0)
+    p, lse = _attention_probs(s)
     if dropout_p > 0.0:
         keep = dropout_keep if dropout_keep is not None else attention_dropout_keep_ref(rng, dropout_p, B, H, Sq, Sk, q.device)
         p = p * keep.to(ct) * (1.0 / (1.0 - dropout_p))
     vc = v.to(ct).repeat_interleave(group, dim=1) if group > 1 else v.to(ct)
     out = torch.matmul(p, vc)
-    stat = torch.promote_types(ct, torch.float32)
+    stat = torch.promote_types(q.dtype, torch.float32)
     return out.to(q.dtype), lse.to(stat)
 
 
@@ -205,18 +224,19 @@ def attention_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                       mask: Tensor | None, scale: float, is_causal: bool, dropout_p: float = 0.0,
                       rng: Tensor | None = None, upcast: bool = True,
                       dropout_keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of attention_fwd_ref from the saved lse (p is recomputed, as the kernels do).
+    """Backward of attention_fwd_ref. p is recomputed from the scores (as the kernels do) by the same
+    stable softmax as the forward: the saved lse (fp32 for fp32 inputs) is too coarse at large logits to
+    rebuild p as exp(s - lse), so it is not used for p; `out` gives delta.
     -> dq (B, H, Sq, D), dk (B, Hkv, Sk, D), dv (B, Hkv, Sk, Dv) in the inputs' dtypes.
        pd = p * keep / (1 - p_drop),  dv = pd^T dout,  dpd = dout v^T,  dp = dpd * keep / (1 - p_drop)
        delta = rowsum(dout * out),  ds = p * (dp - delta),  dq = scale ds k,  dk = scale ds^T q
     with dk, dv summed over each GQA group."""
-    ct = _compute_dtype(q.dtype, upcast)
+    ct = _attention_dtype(q, upcast)
     B, H, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = H // Hkv
     s = _attention_scores(q, k, mask, scale, is_causal, ct)
-    dead = torch.isinf(lse)[..., None]
-    p = torch.exp(s - lse.to(ct)[..., None].masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
+    p, _ = _attention_probs(s)
     doc = dout.to(ct)
     kc = k.to(ct).repeat_interleave(group, dim=1) if group > 1 else k.to(ct)
     vc = v.to(ct).repeat_interleave(group, dim=1) if group > 1 else v.to(ct)
