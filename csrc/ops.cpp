@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/isa.h"
 
 namespace {
 bool set_poison_outputs(bool enable) {
@@ -17,6 +18,10 @@ bool set_poison_outputs(bool enable) {
 TORCH_LIBRARY(fastlm_C, m) {
   // Test hook: outputs of every kernel are NaN-filled before it runs; returns the previous setting.
   m.def("set_poison_outputs(bool enable) -> bool", &set_poison_outputs);
+  // The CPU kernels' instruction-set path here: cpu_isa() "avx512" / "avx2" / "neon" / "scalar";
+  // cpu_isa_paths() one line per kernel, "<kernel>: <path> (<why>)" (csrc/cpu/isa.cpp).
+  m.def("cpu_isa() -> str", [] { return fastlm::cpu::cpu_isa(); });
+  m.def("cpu_isa_paths() -> str[]", [] { return fastlm::cpu::cpu_isa_paths(); });
   // LayerNorm over the last dim of x (M, N), optionally on summed = x + residual (returned; empty
   // when residual is None). mean and rstd are (M,) fp32, saved for the backward.
   m.def("layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"

@@ -3,11 +3,16 @@
 Nothing here runs at `import fastlm`: the first op that wants the cpu or cuda backend calls `load()`.
 Loading the library runs its TORCH_LIBRARY registrations, after which the kernels are reached as
 torch.ops.fastlm_C.<name>.
+
+On x86-64 the built extension is compiled for AVX2 + FMA + F16C (setup.py): on a CPU without them
+it would die of SIGILL, so `load()` refuses it first, with the reason in `error()`, and every op
+falls back to torch. (FASTLM_JIT=1 then builds a portable copy without those flags.)
 """
 from __future__ import annotations
 
 import glob
 import os
+import platform
 import threading
 
 _lock = threading.Lock()
@@ -15,6 +20,44 @@ _state: dict = {"tried": False, "module": None, "error": None}
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CSRC = os.path.join(_ROOT, "csrc")
+
+
+# The x86 features setup.py compiles the extension for (-mavx2 -mfma -mf16c).
+X86_BUILD_FEATURES = ("avx2", "fma", "f16c")
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "x64")
+
+
+def missing_cpu_features() -> list[str]:
+    """On x86-64, the features of X86_BUILD_FEATURES this CPU lacks ([] elsewhere or when all present).
+
+    From /proc/cpuinfo's flags where there is one, and torch's cpuid-based capability (which also sees
+    what an emulator such as `qemu-x86_64 -cpu <model>` offers; skipped when ATEN_CPU_CAPABILITY
+    overrides it): a feature missing in either counts as missing."""
+    if not _is_x86():
+        return []
+    missing: list[str] = []
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    missing = [feat for feat in X86_BUILD_FEATURES if feat not in flags]
+                    break
+    except OSError:
+        pass
+    if not missing and "ATEN_CPU_CAPABILITY" not in os.environ:
+        try:
+            import torch
+
+            cap = torch.backends.cpu.get_cpu_capability().upper()
+        except Exception:  # noqa: BLE001 - no answer from torch: keep /proc/cpuinfo's
+            cap = "AVX2"
+        if not (cap.startswith("AVX2") or cap.startswith("AVX512")):
+            missing = ["avx2", "fma"]
+    return missing
 
 
 def _jit_build():
@@ -26,7 +69,9 @@ def _jit_build():
     if not os.path.isdir(_CSRC):
         raise ImportError(f"FASTLM_JIT=1 but the sources are not at {_CSRC}")
     sources = [os.path.join(_CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(_CSRC, "cpu", "*.cpp")))
-    cflags = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-fopenmp"]  # see setup.py
+    cflags = ["-O3", "-fno-math-errno", "-ffp-contract=fast", "-Wno-unknown-pragmas", "-fopenmp"]  # see setup.py
+    if _is_x86() and not missing_cpu_features():  # as setup.py; otherwise a portable (at::vec generic) build
+        cflags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if cuda:
         sources += sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cpp")))
@@ -48,6 +93,11 @@ def load():
             return _state["module"]
         try:
             import torch  # noqa: F401  (the extension links against libtorch)
+
+            missing = missing_cpu_features()
+            if missing:
+                raise ImportError(f"fastlm._C is built for x86-64 with AVX2+FMA+F16C; this CPU lacks "
+                                  f"{', '.join(missing)}, so fastlm's CPU kernels are off and every op uses torch")
             from fastlm import _C  # type: ignore[attr-defined]
 
             _state["module"] = _C
@@ -58,7 +108,8 @@ def load():
                 except Exception as jit_error:  # noqa: BLE001 - report any build failure as a reason
                     _state["error"] = f"JIT build failed: {jit_error}"
             else:
-                _state["error"] = (f"fastlm._C is not built ({e}); run `pip install -e .` "
+                _state["error"] = (f"{e}; FASTLM_JIT=1 builds a portable copy on first use" if missing_cpu_features()
+                                   else f"fastlm._C is not built ({e}); run `pip install -e .` "
                                    "(or set FASTLM_JIT=1 to build it on first use)")
         _state["tried"] = True
     return _state["module"]

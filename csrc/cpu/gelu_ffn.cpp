@@ -2,12 +2,14 @@
 // GELU, @ W2^T + b2), forward and backward.
 //
 // Forward of gelu_ffn, by row blocks of BM rows chosen so that the block's hidden activation
-// (BM x F) stays in cache: GEMM (oneDNN for fp32, see gemm()) of the block into a scratch block, then one
+// (BM x F) stays in cache: GEMM (oneDNN for fp32, see matmul()) of the block into a scratch block, then one
 // vectorized pass (at::vec) that adds b1, optionally stores the pre-activation for the backward and
 // applies the GELU in place, then the second GEMM (+ b2) of the block straight into the output: the
 // hidden block is reused while it is in cache, where eager makes three passes over an (M, F) tensor.
 // Measured (2 cores, AMD EPYC): nearly all of the gain over eager comes from oneDNN's GEMMs; with
-// BLAS GEMMs (FASTLM_CPU_ONEDNN=0) the fused op is at parity with eager (0.93-1.02x).
+// BLAS GEMMs (FASTLM_CPU_ONEDNN=0) the fused op is at parity with eager (0.93-1.02x). oneDNN's op
+// returns a new tensor: with one block (M <= BM) it is the output itself; with several, each block's
+// result is copied into the output (one pass, small next to the GEMM).
 // linear_gelu: one GEMM into the output, then the same bias+GELU pass in place.
 //
 // Backward (dpre = dact * gelu'(pre)): by row blocks, dact = dy @ W2 into the dpre buffer, then one
@@ -22,6 +24,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -34,17 +37,10 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/isa.h"
 #include "cpu/vec_utils.h"
 #include "gelu_ffn_checks.h"
 #include "fastlm_math.h"
-
-// oneDNN's matmul as ATen exports it (what addmm uses for bf16): C = beta * C + alpha * A @ B on
-// strided fp32/bf16/fp16 matrices, written in place. Declared weak: a torch built without oneDNN
-// leaves it null and the GEMMs fall back to at::mm (BLAS).
-namespace at::native {
-__attribute__((weak)) void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result,
-                                         float beta, float alpha);
-}  // namespace at::native
 
 namespace fastlm::cpu {
 namespace {
@@ -55,36 +51,87 @@ constexpr const char* kFfnFwd = "gelu_ffn_fwd";
 constexpr const char* kFfnBwd = "gelu_ffn_bwd";
 
 // Why oneDNN for fp32: on this project's CI machine (AMD EPYC, 2 cores) MKL's sgemm (what at::mm and
-// F.linear use for fp32) reaches ~67 GFLOP/s at 2048 x 768 x 3072, oneDNN's matmul ~150 GFLOP/s.
-// FASTLM_CPU_ONEDNN=0 turns it off (BLAS via at::mm), e.g. to compare.
-bool use_onednn(const at::Tensor& c) {
-  static const bool enabled = [] {
+// F.linear use for fp32) reaches ~54-67 GFLOP/s at 2048 x 768 x 3072, oneDNN's matmul ~130-150
+// GFLOP/s; with both held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2) 67
+// against 53 (one noisy run). oneDNN is reached only through torch's public dispatcher op
+// mkldnn::_linear_pointwise (y = x @ w^T + b; what torch.compile's CPU lowering calls, and
+// fastlm.ops.linear's dense_linear), for fp32 only (its bf16/fp16 paths need AVX-512 BF16/FP16
+// hardware). Without it (a torch without oneDNN, another signature) or with FASTLM_CPU_ONEDNN=0:
+// BLAS (at::mm / at::addmm).
+using LinearPointwiseFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                     c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                     std::optional<c10::string_view>);
+
+const c10::TypedOperatorHandle<LinearPointwiseFn>* onednn_linear() {
+  static const std::optional<c10::TypedOperatorHandle<LinearPointwiseFn>> op =
+      []() -> std::optional<c10::TypedOperatorHandle<LinearPointwiseFn>> {
     const char* e = std::getenv("FASTLM_CPU_ONEDNN");
-    return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() && !(e != nullptr && e[0] == '0');
+    if ((e != nullptr && e[0] == '0') || !at::hasMKLDNN()) return std::nullopt;
+    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!handle.has_value() || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+    try {
+      return handle->typed<LinearPointwiseFn>();
+    } catch (const c10::Error&) {  // another C++ signature in this torch: BLAS
+      return std::nullopt;
+    }
   }();
-  return enabled && c.scalar_type() == at::kFloat;
+  return op.has_value() ? &*op : nullptr;
 }
 
-// c = beta * c + a @ b (beta 0 or 1), c preallocated, row-major or column-major (then c^T = b^T @ a^T).
-void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
+// a @ b (+ bias over the columns) as a new row-major (M, N) tensor; a (M, K), b (K, N) strided.
+at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor* bias = nullptr) {
+  const int64_t M = a.size(0), N = b.size(1);
+  if (M == 0 || N == 0 || a.size(1) == 0) {
+    auto c = at::empty({M, N}, a.options());
+    if (bias) c.copy_(bias->expand({M, N})); else c.zero_();
+    return c;
+  }
+  if (a.scalar_type() == at::kFloat) {
+    if (const auto* op = onednn_linear()) {
+      // oneDNN's weight: (N, K) row-major or its transpose; anything else is copied first
+      const at::Tensor w = b.t();
+      return op->call(a, w.is_contiguous() || b.is_contiguous() ? w : w.contiguous(),
+                      bias ? std::optional<at::Tensor>(*bias) : std::nullopt, "none",
+                      c10::List<std::optional<at::Scalar>>(), "");
+    }
+  }
+  return bias ? at::addmm(*bias, a, b) : at::mm(a, b);
+}
+
+// c <- a @ b (+ bias), c preallocated (a block of a bigger buffer): BLAS writes it in place, oneDNN's
+// op returns a new tensor that is copied (one pass over c, small next to the GEMM).
+void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor* bias = nullptr) {
   if (c.numel() == 0) return;
-  if (c.stride(1) != 1 && c.stride(0) == 1) {
-    gemm(b.t(), a.t(), c.t(), beta);
+  if (a.scalar_type() == at::kFloat && onednn_linear() != nullptr && a.size(1) > 0) {
+    c.copy_(matmul(a, b, bias));
     return;
   }
+  auto out = c;
   if (a.size(1) == 0) {
-    if (beta == 0.f) c.zero_();
-    return;
-  }
-  if (use_onednn(c)) {
-    at::native::mkldnn_matmul(a, b, c, beta, 1.f);
-  } else if (beta == 0.f) {
-    auto out = c;
-    at::mm_out(out, a, b);
+    if (bias) out.copy_(bias->expand(c.sizes())); else out.zero_();
+  } else if (bias) {
+    at::addmm_out(out, *bias, a, b);
   } else {
-    c.addmm_(a, b);
+    at::mm_out(out, a, b);
   }
 }
+
+// Whether the GEMMs of x's dtype run on oneDNN.
+bool uses_onednn(const at::Tensor& x) { return x.scalar_type() == at::kFloat && onednn_linear() != nullptr; }
+
+// The gradient a @ b of weight w, in w's layout (row- or column-major, as new_weight_grad):
+// column-major as (b^T @ a^T)^T.
+at::Tensor weight_grad(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b) {
+  if (w.is_contiguous()) return matmul(a, b);
+  return matmul(b.t(), a.t()).t();
+}
+
+}  // namespace
+
+// Which GEMM the fp32 gelu_ffn / linear_gelu use (for cpu_isa_paths): "onednn" or "blas".
+const char* gelu_ffn_gemm_backend() { return onednn_linear() != nullptr ? "onednn" : "blas"; }
+
+namespace {
 
 // Row block of the fused forward: the block's fp32 hidden activation (BM x F) within ~2M floats
 // (8 MB: the L3 share of this machine's two cores), 256..1024 rows. Measured at 2048 x 768 -> 3072
@@ -236,10 +283,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& x, cons
   const int64_t N = weight.size(0);
   check_weight(weight, N, K, x, kLgFwd, "weight");
   check_vector(bias, N, x, kLgFwd, "bias");
-  auto out = new_output({M, N}, x.options());
   auto pre = new_output({save_pre ? M : 0, N}, x.options());
-  if (M == 0) return {out, pre};
-  gemm(x, weight.t(), out, 0.f);
+  if (M == 0) return {new_output({M, N}, x.options()), pre};
+  auto out = matmul(x, weight.t());  // row-major (M, N)
   const auto b = float_vector(opt_ptr(bias), N);
   FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kLgFwd, [&] {
     bias_gelu_rows<scalar_t>(out.data_ptr<scalar_t>(), N, b.empty() ? nullptr : b.data(),
@@ -273,10 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Ten
     dgelu_rows<scalar_t>(dpre.data_ptr<scalar_t>(), N, pre.data_ptr<scalar_t>(), pre.stride(0), nullptr, 0,
                          has_bias ? db_part.data_ptr<float>() : nullptr, chunks, M, N, tanh_approx);
   });
-  auto dx = new_output({M, K}, x.options());
-  auto dweight = new_weight_grad(weight);
-  gemm(dpre, weight, dx, 0.f);
-  gemm(dpre.t(), x, dweight, 0.f);
+  auto dx = matmul(dpre, weight);
+  auto dweight = weight_grad(weight, dpre.t(), x);
   auto dbias = has_bias ? db_part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dweight, dbias};
 }
@@ -298,24 +342,30 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cpu(const at::Tensor& x, const a
   check_weight(fc2_weight, N, F, x, kFfnFwd, "fc2_weight");
   check_vector(fc1_bias, F, x, kFfnFwd, "fc1_bias");
   check_vector(fc2_bias, N, x, kFfnFwd, "fc2_bias");
-  auto out = new_output({M, N}, x.options());
   auto pre = new_output({save_pre ? M : 0, F}, x.options());
-  if (M == 0) return {out, pre};
+  if (M == 0) return {new_output({M, N}, x.options()), pre};
   const auto b1 = float_vector(opt_ptr(fc1_bias), F);
+  const at::Tensor* b2 = opt_ptr(fc2_bias);
   const int64_t BM = std::min(M, block_rows(F));
-  auto hidden = at::empty({BM, F}, x.options());  // the block's activation, reused by every block
+  const bool one_block = BM >= M;  // the GEMMs' own outputs are the results (no copy)
+  at::Tensor out = one_block ? at::Tensor() : new_output({M, N}, x.options());
+  at::Tensor hidden;  // BLAS: the block's activation buffer, reused by every block
   const auto w1t = fc1_weight.t(), w2t = fc2_weight.t();
   for (int64_t r0 = 0; r0 < M; r0 += BM) {
     const int64_t m = std::min(BM, M - r0);
-    auto h = hidden.narrow(0, 0, m);
-    auto o = out.narrow(0, r0, m);
-    gemm(x.narrow(0, r0, m), w1t, h, 0.f);
+    at::Tensor h;  // (m, F) row-major
+    if (one_block || uses_onednn(x)) {
+      h = matmul(x.narrow(0, r0, m), w1t);
+    } else {
+      if (!hidden.defined()) hidden = at::empty({BM, F}, x.options());
+      h = hidden.narrow(0, 0, m);
+      matmul_into(x.narrow(0, r0, m), w1t, h);
+    }
     FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kFfnFwd, [&] {
       bias_gelu_rows<scalar_t>(h.data_ptr<scalar_t>(), F, b1.empty() ? nullptr : b1.data(),
                                save_pre ? pre.data_ptr<scalar_t>() + r0 * F : nullptr, F, m, F, tanh_approx);
     });
-    if (auto b2 = opt_ptr(fc2_bias)) o.copy_(b2->expand({m, N}));
-    gemm(h, w2t, o, opt_ptr(fc2_bias) != nullptr ? 1.f : 0.f);
+    if (one_block) out = matmul(h, w2t, b2); else matmul_into(h, w2t, out.narrow(0, r0, m), b2);
   }
   return {out, pre};
 }
@@ -337,28 +387,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
                  "), got ", t->sizes());
     check_same(*t, x, kFfnBwd, name);
   }
-  auto dx = new_output({M, K}, x.options());
-  auto dw1 = new_weight_grad(fc1_weight);
-  auto dw2 = new_weight_grad(fc2_weight);
-  auto act = at::empty({M, F}, x.options());   // gelu(pre), for dW2
-  auto dpre = at::empty({M, F}, x.options());  // dy @ W2, then * gelu'(pre) in place
   const int64_t chunks = num_chunks(std::min(M, block_rows(F)));
   auto db1_part = at::zeros({has_fc1_bias ? chunks : 0, F}, x.options().dtype(at::kFloat));
   const int64_t BM = std::max<int64_t>(1, std::min(M, block_rows(F)));
+  const bool one_block = M > 0 && BM >= M;  // the GEMMs' own outputs are dpre and dx (no copy)
+  auto act = at::empty({M, F}, x.options());  // gelu(pre), for dW2
+  // dy @ W2, then * gelu'(pre) in place (row-major (M, F))
+  at::Tensor dpre = one_block ? at::Tensor() : at::empty({M, F}, x.options());
+  at::Tensor dx = one_block ? at::Tensor() : new_output({M, K}, x.options());
   for (int64_t r0 = 0; r0 < M; r0 += BM) {
     const int64_t m = std::min(BM, M - r0);
-    auto d = dpre.narrow(0, r0, m);
-    gemm(dy.narrow(0, r0, m), fc2_weight, d, 0.f);
+    at::Tensor d;
+    if (one_block) {
+      d = dpre = matmul(dy, fc2_weight);
+    } else {
+      d = dpre.narrow(0, r0, m);
+      matmul_into(dy.narrow(0, r0, m), fc2_weight, d);
+    }
     FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kFfnBwd, [&] {
       dgelu_rows<scalar_t>(d.data_ptr<scalar_t>(), F, pre.data_ptr<scalar_t>() + r0 * pre.stride(0), pre.stride(0),
                            act.data_ptr<scalar_t>() + r0 * F, F,
                            has_fc1_bias ? db1_part.data_ptr<float>() : nullptr, std::min(chunks, m), m, F,
                            tanh_approx);
     });
-    gemm(d, fc1_weight, dx.narrow(0, r0, m), 0.f);
+    if (one_block) dx = matmul(d, fc1_weight); else matmul_into(d, fc1_weight, dx.narrow(0, r0, m));
   }
-  gemm(dy.t(), act, dw2, 0.f);
-  gemm(dpre.t(), x, dw1, 0.f);
+  auto dw2 = weight_grad(fc2_weight, dy.t(), act);
+  auto dw1 = weight_grad(fc1_weight, dpre.t(), x);
   auto db1 = has_fc1_bias ? db1_part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
   auto db2 = has_fc2_bias ? at::sum(dy, {0}, false, at::kFloat).to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dw1, db1, dw2, db2};
