@@ -75,6 +75,14 @@ TORCH_LIBRARY(fastlm_C, m) {
   m.def("gelu_ffn_bwd(Tensor dy, Tensor x, Tensor fc1_weight, Tensor fc2_weight, Tensor pre, str approximate,"
         " bool has_fc1_bias, bool has_fc2_bias)"
         " -> (Tensor dx, Tensor dfc1_weight, Tensor dfc1_bias, Tensor dfc2_weight, Tensor dfc2_bias)");
+
+  // ---- [linear_int8] weight-only int8 linear (csrc/cpu/linear_int8.cpp, csrc/cuda/linear_int8*) ----
+  // y = x @ (qweight * scale)^T + bias: x (M, K) fp32/fp16/bf16, qweight (N, K) int8, scale (N,) fp32
+  // per output channel or (N, G) fp32 per group of K / G columns, bias (N,) in x's dtype. -> (M, N).
+  m.def("linear_int8_fwd(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+  // The dequantized weight qweight * scale as fp32 (N, K) (the many-row path's GEMM operand).
+  m.def("linear_int8_dequant(Tensor qweight, Tensor scale) -> Tensor");
+  // ---- end [linear_int8] ----
 }
 
 extern "C" {

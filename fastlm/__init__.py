@@ -22,5 +22,15 @@ _hf.install_import_hook()  # registers attn_implementation="fastlm" once transfo
 
 __version__ = "0.1.0"
 
+
+def quantize(model, weights: str = "int8", group_size=None):
+    """fastlm.quantize(model, weights="int8"|"bf16", group_size=None) -> model, in place: int8 (per-output-
+    channel fp32 scales, or per group of inputs) or bf16 weights for every projection of a fastlm
+    GPT2/Bert or a transformers GPT-2/BERT model (see fastlm.quant)."""
+    from fastlm.quant import quantize as _quantize
+
+    return _quantize(model, weights=weights, group_size=group_size)
+
+
 __all__ = ["ops", "nn", "models", "patch", "unpatch", "generate", "available_backends", "use_backend",
-           "BackendUnavailableError", "FallbackWarning", "__version__"]
+           "BackendUnavailableError", "FallbackWarning", "quantize", "__version__"]

@@ -23,6 +23,14 @@ from torch import Tensor
 from fastlm import ops
 from fastlm.nn import LayerNorm
 from fastlm.ops.linear import dense_linear as linear   # F.linear; oneDNN's GEMM on CPU fp32
+from fastlm.nn.quant_linear import QUANT_LINEARS
+
+
+def _proj(mod: torch.nn.Module, x: Tensor) -> Tensor:
+    """A projection: a quantized module (fastlm.quantize) runs itself, a Linear the GEMM."""
+    if isinstance(mod, QUANT_LINEARS):
+        return mod(x)
+    return linear(x, mod.weight, mod.bias)
 
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh"}
 
@@ -65,13 +73,16 @@ class BertLayer(torch.nn.Module):
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor]) -> Tensor:
         B, S, H = x.shape
-        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(B, S, 3, self.num_heads, self.head_dim)
+        qkv = _proj(self.qkv, x).view(B, S, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # each (B, nh, S, hd), views
         a = ops.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        a = linear(a.transpose(1, 2).reshape(B, S, H), self.proj.weight, self.proj.bias)
+        a = _proj(self.proj, a.transpose(1, 2).reshape(B, S, H))
         x, _ = ops.add_layer_norm(a, x, (H,), self.ln_attn.weight, self.ln_attn.bias, self.ln_attn.eps)
-        y = ops.gelu_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                         approximate=self.approximate)
+        if isinstance(self.fc1, QUANT_LINEARS):     # quantized (fastlm.quantize): fc1 -> GELU -> fc2
+            y = self.fc2(torch.nn.functional.gelu(self.fc1(x), approximate=self.approximate))
+        else:
+            y = ops.gelu_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                             approximate=self.approximate)
         x, _ = ops.add_layer_norm(y, x, (H,), self.ln_ffn.weight, self.ln_ffn.bias, self.ln_ffn.eps)
         return x
 
@@ -126,10 +137,13 @@ class Bert(torch.nn.Module):
         return BertOutput(x, pooled)
 
     @classmethod
-    def from_hf(cls, model_or_path, dtype: Optional[torch.dtype] = None, device=None) -> "Bert":
+    def from_hf(cls, model_or_path, dtype: Optional[torch.dtype] = None, device=None, weights: Optional[str] = None,
+                group_size: Optional[int] = None) -> "Bert":
         """A native Bert from a transformers `BertModel` / `BertFor*` (its `.bert`) or a local folder or hub
         name loadable by `BertModel.from_pretrained`. Weights are copied (QKV concatenated) into the new
-        model, converted to `dtype` (default: the source's) and moved to `device` (default: the source's)."""
+        model, converted to `dtype` (default: the source's) and moved to `device` (default: the source's).
+        weights="int8"|"bf16": then fastlm.quantize the projections (group_size: int8 scales per group).
+        The source must hold plain (unquantized) weights."""
         hf = model_or_path
         if not isinstance(hf, torch.nn.Module):
             from transformers import BertModel
@@ -176,4 +190,9 @@ class Bert(torch.nn.Module):
             sd["pooler.weight"], sd["pooler.bias"] = hf.pooler.dense.weight, hf.pooler.dense.bias
         sd = {k: v.detach().to(device=device, dtype=dtype).clone() for k, v in sd.items()}
         model.load_state_dict(sd, assign=True, strict=True)
-        return model.eval().requires_grad_(False)
+        model = model.eval().requires_grad_(False)
+        if weights is not None:
+            from fastlm.quant import quantize
+
+            quantize(model, weights=weights, group_size=group_size)
+        return model

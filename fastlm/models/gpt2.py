@@ -7,6 +7,7 @@ ops.decode_attention over the cache, logits from the tied embedding.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -24,6 +25,14 @@ from fastlm.ops.linear import kernel as linear_kernel
 # 512x768->2304 4.2 ms vs 9.2 ms for ops.linear's BLAS), == F.linear elsewhere.
 from fastlm.ops.linear import dense_linear as _dense_linear
 from fastlm.nn import LayerNorm, StaticKVCache
+from fastlm.nn.quant_linear import QUANT_LINEARS, Int8Linear
+
+
+def _proj(mod: torch.nn.Module, x: Tensor) -> Tensor:
+    """A projection on many rows: a quantized module runs itself (fastlm.quantize), a Linear the GEMM."""
+    if isinstance(mod, QUANT_LINEARS):
+        return mod(x)
+    return _dense_linear(x, mod.weight, mod.bias)
 
 
 @dataclass
@@ -99,10 +108,12 @@ class GPT2(torch.nn.Module):
         return model.to(dtype=dtype, device=device).eval()
 
     @classmethod
-    def from_hf(cls, model_or_path, dtype: torch.dtype | None = None, device=None) -> "GPT2":
+    def from_hf(cls, model_or_path, dtype: torch.dtype | None = None, device=None, weights: str | None = None,
+                group_size: int | None = None) -> "GPT2":
         """From a transformers GPT2LMHeadModel (or a local folder holding one). Conv1D weights
         (in, out) are transposed once into Linear layout (out, in). dtype/device default to the
-        source model's."""
+        source model's. weights="int8"|"bf16": fastlm.quantize the result (group_size: int8 scales
+        per group of inputs). A source already quantized by fastlm.quantize keeps its int8 weights."""
         if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import GPT2LMHeadModel
 
@@ -134,28 +145,59 @@ class GPT2(torch.nn.Module):
             t = t.detach()
             dst.data.copy_(t.t() if transpose else t)
 
+        def _moved(mod):   # shared when dtype and device match, else a converted copy (the source stays)
+            t = mod.bias if mod.bias is not None else mod.scale
+            if t.device == torch.device(device) and (mod.bias is None or mod.bias.dtype == dtype):
+                return mod
+            return copy.deepcopy(mod).to(device=device, dtype=dtype)
+
+        def cp_proj(blk: Block, name: str, src_mod):
+            if isinstance(src_mod, QUANT_LINEARS):       # quantized HF model: its quantized module
+                setattr(blk, name, _moved(src_mod))
+            else:
+                cp(getattr(blk, name).weight, src_mod.weight, True)
+                cp(getattr(blk, name).bias, src_mod.bias)
+
         with torch.no_grad():
             cp(model.wte.weight, src.wte.weight)
             cp(model.wpe.weight, src.wpe.weight)
             for blk, h in zip(model.blocks, src.h):
                 cp(blk.ln_1.weight, h.ln_1.weight); cp(blk.ln_1.bias, h.ln_1.bias)
-                cp(blk.c_attn.weight, h.attn.c_attn.weight, True); cp(blk.c_attn.bias, h.attn.c_attn.bias)
-                cp(blk.c_proj.weight, h.attn.c_proj.weight, True); cp(blk.c_proj.bias, h.attn.c_proj.bias)
+                cp_proj(blk, "c_attn", h.attn.c_attn)
+                cp_proj(blk, "c_proj", h.attn.c_proj)
                 cp(blk.ln_2.weight, h.ln_2.weight); cp(blk.ln_2.bias, h.ln_2.bias)
-                cp(blk.fc.weight, h.mlp.c_fc.weight, True); cp(blk.fc.bias, h.mlp.c_fc.bias)
-                cp(blk.proj.weight, h.mlp.c_proj.weight, True); cp(blk.proj.bias, h.mlp.c_proj.bias)
+                cp_proj(blk, "fc", h.mlp.c_fc)
+                cp_proj(blk, "proj", h.mlp.c_proj)
             cp(model.ln_f.weight, src.ln_f.weight); cp(model.ln_f.bias, src.ln_f.bias)
-            head = hf.get_output_embeddings().weight
-            if head.data_ptr() != src.wte.weight.data_ptr():
-                model.lm_head = torch.nn.Parameter(head.detach().to(dtype=dtype, device=device).clone(),
+            head_mod = hf.get_output_embeddings()
+            if isinstance(head_mod, QUANT_LINEARS):
+                model.lm_head = _moved(head_mod)
+            elif head_mod.weight.data_ptr() != src.wte.weight.data_ptr():
+                model.lm_head = torch.nn.Parameter(head_mod.weight.detach().to(dtype=dtype, device=device).clone(),
                                                    requires_grad=False)
-        return model.eval()
+        model = model.eval()
+        if weights is not None:
+            from fastlm.quant import quantize
+
+            quantize(model, weights=weights, group_size=group_size)
+        return model
 
     # ---- generation ----
 
     @property
     def head_weight(self) -> Tensor:
+        """The LM head's weight (vocab, n_embd); for a quantized head (fastlm.quantize) its dequantized
+        fp32 weight, built on each access (the decode path never reads it)."""
+        if isinstance(self.lm_head, Int8Linear):
+            return self.lm_head.dequantize(self.wte.weight.dtype)
+        if isinstance(self.lm_head, QUANT_LINEARS):
+            return self.lm_head.weight.to(self.wte.weight.dtype)
         return self.wte.weight if self.lm_head is None else self.lm_head
+
+    @property
+    def quantized(self) -> bool:
+        """Whether fastlm.quantize replaced the projections (int8 or bf16 weights)."""
+        return isinstance(self.blocks[0].c_attn, QUANT_LINEARS) if len(self.blocks) else False
 
     def new_cache(self, batch: int, max_seq: int) -> StaticKVCache:
         c = self.config
@@ -163,6 +205,8 @@ class GPT2(torch.nn.Module):
                              device=self.wte.weight.device)
 
     def _mlp(self, blk: Block, x: Tensor) -> Tensor:
+        if isinstance(blk.fc, QUANT_LINEARS):
+            return _proj(blk.proj, F.gelu(blk.fc(x), approximate=self.config.activation))
         if x.dim() == 2 and x.shape[0] <= 16:
             # decode: the weight-streaming linear, GELU on the few rows in between
             h = F.gelu(ops.linear(x, blk.fc.weight, blk.fc.bias), approximate=self.config.activation)
@@ -197,11 +241,11 @@ class GPT2(torch.nn.Module):
         for layer, blk in enumerate(self.blocks):
             if x is None:
                 x = ops.layer_norm(h, (c.n_embd,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
-            qkv = _dense_linear(x, blk.c_attn.weight, blk.c_attn.bias).view(B, S, 3, H, D)
+            qkv = _proj(blk.c_attn, x).view(B, S, 3, H, D)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                                   # (B, H, S, D)
             cache.fill(layer, k, v, pad_counts)
             a = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-            a = _dense_linear(a.transpose(1, 2).reshape(B, S, c.n_embd), blk.c_proj.weight, blk.c_proj.bias)
+            a = _proj(blk.c_proj, a.transpose(1, 2).reshape(B, S, c.n_embd))
             x, h = ops.add_layer_norm(a, h, (c.n_embd,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
             m = self._mlp(blk, x)
             nxt = self.blocks[layer + 1].ln_1 if layer + 1 < len(self.blocks) else None
@@ -222,6 +266,12 @@ class GPT2(torch.nn.Module):
         logits that are exact wherever they can be among the row's topk largest and -inf elsewhere
         (so top-k sampling draws the same tokens). On CPU in fp32 both go through the head's int8
         screen (ops.linear_argmax / ops.linear_topk_logits); elsewhere the full logits."""
+        if isinstance(self.lm_head, QUANT_LINEARS):
+            # A quantized head: its own logits (ops.linear_int8 reads the int8 head once, N * K bytes,
+            # what the fp32 head's int8 screen reads). greedy = the exact argmax of these logits (of
+            # the dequantized head's product in fp32); top-k: the full logits (exact everywhere).
+            logits = self.lm_head(x)
+            return logits.argmax(-1) if greedy else logits
         screen = self.head_screen() if (greedy or topk > 0) and x.shape[0] <= 16 else None
         if greedy:
             if screen is not None:
@@ -298,6 +348,8 @@ class GPT2(torch.nn.Module):
     def head_screen(self) -> "ops.LinearArgmaxScreen | None":
         """The int8 screen of the LM head (built on first use, ~N*K bytes; rebuilt when the head weight
         changes) for greedy decode steps on CPU in fp32; None where it does not apply."""
+        if isinstance(self.lm_head, QUANT_LINEARS):
+            return None
         w = self.head_weight
         if w.device.type != "cpu" or w.dtype != torch.float32:
             return None
@@ -328,6 +380,8 @@ class GPT2(torch.nn.Module):
         idx = cache.step_index()                            # where this step's keys/values go, every layer
         scale = 1.0 / math.sqrt(D)
         h = self.wte(tokens) + self.wpe(pos)                                                  # (B, d)
+        if self.quantized:
+            return self._decode_step_quantized(h, cache, idx, lens, scale, greedy, topk)
         lin, ln, att, all_cpp = self._decode_kernels(h)
         act = self.config.activation
         gelu = F.gelu
@@ -356,6 +410,47 @@ class GPT2(torch.nn.Module):
             x, h = ln(m, h, nxt.weight, nxt.bias, nxt.eps)
         cache.advance()
         return self._head(x, lin, greedy, topk)
+
+    def _quant_linear(self, x: Tensor):
+        """proj(mod, x) for the decode step's quantized projections: the C++ int8 kernel called directly
+        where ops.linear_int8 would pick it (the step's shapes and dtypes hold by construction: no
+        per-call checks), else the module itself (the public op)."""
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and isinstance(self.blocks[0].c_attn,
+                                                                                        Int8Linear):
+            ok = lambda backend: None if backend == "reference" or x.dtype in (  # noqa: E731
+                torch.float32, torch.float16, torch.bfloat16) else "dtype"
+            if backends.select("linear_int8", x.device, ok) == "cpu":
+                raw = torch.ops.fastlm_C.linear_int8_fwd
+
+                def proj(mod, x):
+                    return raw(x, mod.qweight, mod.scale, mod.bias)
+                return proj
+        return lambda mod, x: mod(x)
+
+    def _decode_step_quantized(self, h: Tensor, cache: StaticKVCache, idx: Tensor, lens: Tensor, scale: float,
+                               greedy: bool, topk: int) -> Tensor:
+        """decode_step's layer loop for a quantized model (fastlm.quantize): the same ops in the same
+        order as the fp32 loop, with every projection on the quantized weights."""
+        c = self.config
+        B = h.shape[0]
+        H, D = c.n_head, c.head_dim
+        _, ln, att, _ = self._decode_kernels(h)
+        proj = self._quant_linear(h)
+        act = c.activation
+        nb = len(self.blocks)
+        x, _ = ln(h, None, self.blocks[0].ln_1.weight, self.blocks[0].ln_1.bias, self.blocks[0].ln_1.eps)
+        for layer, blk in enumerate(self.blocks):
+            qkv = proj(blk.c_attn, x).view(B, 3, H, D)
+            q, k, v = qkv.unbind(1)                                        # (B, H, D), rows strided
+            cache.append(layer, k, v, check=False, index=idx)
+            a = att(q, cache.keys(layer), cache.values(layer), lens, scale)
+            a = proj(blk.c_proj, a.reshape(B, c.n_embd))
+            x, h = ln(a, h, blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
+            m = proj(blk.proj, F.gelu(proj(blk.fc, x), approximate=act))
+            nxt = self.blocks[layer + 1].ln_1 if layer + 1 < nb else self.ln_f
+            x, h = ln(m, h, nxt.weight, nxt.bias, nxt.eps)
+        cache.advance()
+        return self._head(x, None, greedy, topk)
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor) -> Tensor:

@@ -7,3 +7,6 @@ from fastlm.nn.kv_cache import StaticKVCache
 __all__ = ["LayerNorm", "GeluFFN"]
 __all__ += ["StaticKVCache"]
 __all__ += ["MultiheadAttention"]
+from fastlm.nn.quant_linear import Bf16Linear, Int8Linear  # noqa: E402
+
+__all__ += ["Int8Linear", "Bf16Linear"]

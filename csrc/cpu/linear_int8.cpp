@@ -1,0 +1,376 @@
+// y = x @ (qweight * scale)^T + bias on the CPU: weight-only int8 (W8A32) linear.
+//
+// qweight (N, K) int8, scale (N,) fp32 per output channel or (N, G) per group of K / G columns,
+// x (M, K) fp32/fp16/bf16, bias (N,) in x's dtype; y (M, N) in x's dtype. The weights are widened to
+// fp32 in registers (int8 -> int32 -> fp32, exact) and every product is accumulated in fp32; the
+// per-row (per-group) scale multiplies the finished fp32 dot of that row (group), so the only
+// difference from F.linear on the dequantized weight is the order of the fp32 roundings.
+//
+// Few rows (M <= 16, decode): bound by reading the weight once, N * K bytes (a quarter of fp32's).
+// Output features are split over the threads (at::parallel_for, chunks of >= 64 KB of int8 weight),
+// each chunk walked in tiles of NR weight rows; for each tile the input rows (fp32 copies, in L1/L2)
+// go by in blocks of MR = 4/2/1 against the tile, which stays in L1 between them. A register tile
+// holds MR x NR x U fp32 accumulators; per k step each weight vector is loaded and widened once and
+// each input vector loaded once.
+// - AVX-512 (run-time choice, cpu_use_avx512(); FASTLM_CPU_NO_AVX512=1 forces AVX2): 16 k a step,
+//   NR = 4, masked tails (no read past a row).
+// - AVX2 + FMA (the file's baseline ISA on x86): 8 k a step, NR = 2, scalar tails.
+// - portable scalar loop everywhere else (aarch64 builds; also the oracle of nothing: same math).
+// Many rows (prefill): the weight is dequantized once into an fp32 (N, K) panel (parallel, one pass)
+// and multiplied by BLAS (at::linear): the widening costs O(N K) against the GEMM's O(M N K).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "common.h"
+#include "cpu/decode_parallel.h"
+#include "cpu/vec_utils.h"
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr const char* kOp = "linear_int8_fwd";
+constexpr int64_t kFewRows = 16;  // up to here the weight-streaming kernel; beyond, dequantize + BLAS
+
+// Shape of the weights' scales: G groups of gs consecutive k per output row (G = 1: per channel).
+struct Groups {
+  int64_t G, gs;
+};
+
+// ---------------------------------------------------------------- portable scalar tile
+// out[m][r] = sum_k w[r][k] * x[m][k] over k in [0, K), fp32.
+template <int MR, int NR>
+inline void tile_scalar(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += static_cast<float>(w[r * ldw + k]) * x[m * ldx + k];
+      out[m * NR + r] = s;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// ---------------------------------------------------------------- AVX2 + FMA tile (8 k per step)
+inline __m256 load_w8(const int8_t* p) {  // 8 int8 -> 8 fp32 (exact)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline float hsum256(__m256 t) {
+  __m128 lo = _mm256_castps256_ps128(t), hi = _mm256_extractf128_ps(t, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+// MR input rows x NR weight rows, U k-steps unrolled: MR * NR * U accumulators (<= 8 of 16 ymm).
+template <int MR, int NR, int U>
+inline void tile_avx2(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
+  __m256 acc[MR][NR][U];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      __m256 wv[NR];
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) wv[r] = load_w8(w + r * ldw + k + 8 * u);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k + 8 * u);
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[m][r][u] = _mm256_fmadd_ps(wv[r], xv, acc[m][r][u]);
+      }
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = load_w8(w + r * ldw + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+      for (int r = 0; r < NR; ++r) acc[m][r][0] = _mm256_fmadd_ps(wv[r], xv, acc[m][r][0]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      __m256 t = acc[m][r][0];
+      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][r][u]);
+      float s = hsum256(t);
+      for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[r * ldw + kk]) * x[m * ldx + kk];
+      out[m * NR + r] = s;
+    }
+}
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+// ---------------------------------------------------------------- AVX-512 tile (16 k per step)
+// (GCC 12 warns that _mm512_undefined_ps inside its own reduce intrinsics is uninitialized: noise.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FASTLM_I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+FASTLM_I8_TARGET inline __m512 load_w16(const int8_t* p) {  // 16 int8 -> 16 fp32 (exact)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+FASTLM_I8_TARGET inline __m512 load_w16(const int8_t* p, __mmask16 msk) {  // the lanes of msk only
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(msk, p)));
+}
+
+// MR input rows x NR weight rows, U k-steps unrolled: MR * NR * U <= 16 accumulators plus NR * U
+// widened weight vectors (< 32 zmm). The next tile's weight rows (contiguous after this one's) are
+// prefetched a line per row and step, so their DRAM latency hides behind this tile's FMAs.
+template <int MR, int NR, int U>
+FASTLM_I8_TARGET inline void tile_avx512(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t K,
+                                         float* out) {
+  __m512 acc[MR][NR][U];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    __m512 wv[NR][U];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) wv[r][u] = load_w16(w + r * ldw + k + 16 * u);
+    if ((k & 63) == 0) {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + k), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        __m512 xv = _mm512_loadu_ps(x + m * ldx + k + 16 * u);
+        asm("" : "+v"(xv));  // one load, kept in a register for the NR FMAs (GCC would refold it)
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[m][r][u] = _mm512_fmadd_ps(wv[r][u], xv, acc[m][r][u]);
+      }
+  }
+  for (; k < K; k += 16) {  // tail: masked, whole 16s first then the rest
+    const __mmask16 msk = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+    __m512 wv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) wv[r] = load_w16(w + r * ldw + k, msk);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(msk, x + m * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[m][r][0] = _mm512_fmadd_ps(wv[r], xv, acc[m][r][0]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      __m512 t = acc[m][r][0];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][r][u]);
+      out[m * NR + r] = _mm512_reduce_add_ps(t);
+    }
+}
+#pragma GCC diagnostic pop
+#endif
+
+// ---------------------------------------------------------------- the few-row driver
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+Isa pick_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_use_avx512()) return Isa::kAvx512;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  return Isa::kAvx2;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+// One (MR x nr) block of outputs for weight rows [n, n + nr) and input rows [m, m + MR): the dot of
+// every group, times its scale, summed in fp32; then the bias.
+template <Isa I, int MR, int NR, int U>
+inline void tile_dispatch(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (I == Isa::kAvx512) return tile_avx512<MR, NR, U>(w, ldw, x, ldx, K, out);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (I == Isa::kAvx2) return tile_avx2<MR, NR, U>(w, ldw, x, ldx, K, out);
+#endif
+  tile_scalar<MR, NR>(w, ldw, x, ldx, K, out);
+}
+
+template <Isa I, int MR, int NR, int U>
+inline void block_rows(const int8_t* wn, int64_t K, const float* xm, const float* sc /* scale + n * G */,
+                       Groups g, float* acc /* [MR][NR] */) {
+  float part[MR * NR];
+  for (int i = 0; i < MR * NR; ++i) acc[i] = 0.f;
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    tile_dispatch<I, MR, NR, U>(wn + gi * g.gs, K, xm + gi * g.gs, K, g.gs, part);
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc[m * NR + r] += part[m * NR + r] * sc[r * g.G + gi];
+  }
+}
+
+// Weight rows [n0, n1) of y for all M (<= 16) rows: tiles of NR weight rows (then single rows at the
+// end), the input rows in blocks of 4/2/1 against each tile.
+template <Isa I, int NR, typename T>
+void rows_range(const int8_t* w, const float* scale, Groups g, const float* x, int64_t M, int64_t K, int64_t N,
+                const float* bias, T* y, int64_t n0, int64_t n1) {
+  auto emit = [&](const float* acc, int64_t m, int mr, int64_t n, int nr) {
+    for (int i = 0; i < mr; ++i)
+      for (int r = 0; r < nr; ++r) y[(m + i) * N + n + r] = static_cast<T>(acc[i * nr + r] + bias[n + r]);
+  };
+  auto tile = [&](auto nr_tag, int64_t n) {
+    constexpr int nr = decltype(nr_tag)::value;
+    const int8_t* wn = w + n * K;
+    const float* sc = scale + n * g.G;
+    float acc[4 * nr];
+    int64_t m = 0;
+    for (; M - m >= 4; m += 4) {
+      block_rows<I, 4, nr, 1>(wn, K, x + m * K, sc, g, acc);
+      emit(acc, m, 4, n, nr);
+    }
+    if (M - m >= 2) {
+      block_rows<I, 2, nr, 2>(wn, K, x + m * K, sc, g, acc);
+      emit(acc, m, 2, n, nr);
+      m += 2;
+    }
+    if (M - m == 1) {
+      block_rows<I, 1, nr, (I == Isa::kAvx2 ? 4 : 2)>(wn, K, x + m * K, sc, g, acc);
+      emit(acc, m, 1, n, nr);
+    }
+  };
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile(std::integral_constant<int, NR>{}, n);
+  for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
+}
+
+template <Isa I, int NR, typename T>
+void few_rows_isa(const int8_t* w, const float* scale, Groups g, const float* x, int64_t M, int64_t K, int64_t N,
+                  const float* bias, T* y) {
+  const int64_t tiles = (N + NR - 1) / NR;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(NR * K, 1));  // >= 64 KB
+  parallel_range(0, tiles, grain, [&](int64_t b, int64_t e) {
+    rows_range<I, NR, T>(w, scale, g, x, M, K, N, bias, y, b * NR, std::min(N, e * NR));
+  });
+}
+
+template <typename T>
+void linear_int8_few_rows(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, Groups g,
+                          const at::Tensor* bias, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
+  std::vector<float> xf(M * K), bf(N, 0.f);  // input rows and bias as fp32 once (tiny next to W)
+  const T* xp = x.data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m) row_to_float(xp + m * x.stride(0), xf.data() + m * K, K);
+  if (bias) row_to_float(bias->data_ptr<T>(), bf.data(), N);
+  const int8_t* wp = qw.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
+  switch (pick_isa()) {
+    case Isa::kAvx512:
+      return few_rows_isa<Isa::kAvx512, 4, T>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
+    case Isa::kAvx2:
+      return few_rows_isa<Isa::kAvx2, 2, T>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
+    default:
+      return few_rows_isa<Isa::kScalar, 2, T>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
+  }
+}
+
+// ---------------------------------------------------------------- dequantize (the many-row panel)
+// out (N, K) fp32 = qweight * scale, row-parallel; the same product the reference forms.
+void dequantize_into(const at::Tensor& qw, const at::Tensor& scale, Groups g, float* out) {
+  const int64_t N = qw.size(0), K = qw.size(1);
+  const int8_t* wp = qw.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n)
+      for (int64_t gi = 0; gi < g.G; ++gi) {
+        const float s = sp[n * g.G + gi];
+        const int8_t* src = wp + n * K + gi * g.gs;
+        float* dst = out + n * K + gi * g.gs;
+#pragma GCC ivdep
+        for (int64_t k = 0; k < g.gs; ++k) dst[k] = static_cast<float>(src[k]) * s;
+      }
+  });
+}
+
+Groups check_quantized(const at::Tensor& qw, const at::Tensor& scale, const char* op) {
+  FASTLM_CHECK(qw.defined() && qw.dim() == 2, op, "qweight must be 2-D (out_features, in_features)");
+  FASTLM_CHECK(qw.scalar_type() == at::kChar, op, "qweight must be int8, got ", qw.scalar_type());
+  FASTLM_CHECK(qw.is_contiguous(), op, "qweight must be contiguous");
+  const int64_t N = qw.size(0), K = qw.size(1);
+  FASTLM_CHECK(scale.defined() && scale.scalar_type() == at::kFloat, op, "scale must be float32");
+  FASTLM_CHECK(scale.device() == qw.device(), op, "scale is on ", scale.device(), ", qweight on ", qw.device());
+  FASTLM_CHECK(scale.is_contiguous(), op, "scale must be contiguous");
+  FASTLM_CHECK((scale.dim() == 1 || scale.dim() == 2) && scale.size(0) == N, op,
+               "scale must be (out_features,) or (out_features, groups) with out_features ", N, ", got ",
+               scale.sizes());
+  const int64_t G = scale.dim() == 2 ? scale.size(1) : 1;
+  FASTLM_CHECK(G >= 1 && (K == 0 || K % G == 0), op, "scale's ", G, " groups must divide in_features ", K);
+  return {G, G > 0 ? K / G : K};
+}
+
+at::Tensor linear_int8_dequant_cpu(const at::Tensor& qweight, const at::Tensor& scale) {
+  const Groups g = check_quantized(qweight, scale, "linear_int8_dequant");
+  at::Tensor out = new_output({qweight.size(0), qweight.size(1)}, scale.options());
+  if (out.numel() > 0) dequantize_into(qweight, scale, g, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor linear_int8_fwd_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                               const std::optional<at::Tensor>& bias) {
+  check_rows(x, kOp, "input");
+  const Groups g = check_quantized(qweight, scale, kOp);
+  FASTLM_CHECK(qweight.device() == x.device(), kOp, "qweight is on ", qweight.device(), ", input on ", x.device());
+  FASTLM_CHECK(qweight.size(1) == x.size(1), kOp, "qweight has ", qweight.size(1), " input features, input has ",
+               x.size(1));
+  const int64_t M = x.size(0), N = qweight.size(0), K = x.size(1);
+  check_vector(bias, N, x, kOp, "bias");
+  const at::Tensor* b = opt_ptr(bias);
+  if (M > kFewRows) {  // compute bound: widen the weight once, then BLAS in fp32
+    const at::Tensor w = linear_int8_dequant_cpu(qweight, scale);
+    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    const std::optional<at::Tensor> bf = b ? std::optional<at::Tensor>(b->to(at::kFloat)) : std::nullopt;
+    at::Tensor y = at::linear(xf, w, bf);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  at::Tensor y = new_output({M, N}, x.options());
+  if (y.numel() == 0) return y;
+  if (K == 0) {
+    if (b) y.copy_(b->unsqueeze(0).expand({M, N})); else y.zero_();
+    return y;
+  }
+  FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kOp,
+                              [&] { linear_int8_few_rows<scalar_t>(x, qweight, scale, g, b, y); });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
+  m.impl("linear_int8_fwd", &linear_int8_fwd_cpu);
+  m.impl("linear_int8_dequant", &linear_int8_dequant_cpu);
+}
+
+}  // namespace fastlm::cpu

@@ -1,0 +1,166 @@
+"""Linear layers with quantized weights (fastlm.quantize puts them in place of a model's projections).
+
+- `Int8Linear`: buffers `qweight` (out, in) int8 and `scale` (out,) fp32 per output channel, or
+  (out, in / group_size) per group, and an optional `bias` in the activations' dtype;
+  forward = fastlm.ops.linear_int8 (weights widened to fp32 in registers, fp32 accumulation, output in
+  the input's dtype). Symmetric round-to-nearest: scale = max|w| / 127 over the channel (group),
+  qweight = round(w / scale) in [-127, 127].
+- `Bf16Linear`: weight stored as bf16 (half the bytes), computed as F.linear on the weight widened to
+  the input's dtype (fastlm.ops.linear when they match).
+
+`state_dict()` holds exactly those tensors (qweight, scale, bias / weight, bias), so a saved model loads
+without re-quantizing: build the module with the same shapes (`Int8Linear(in, out, ...)`) and load.
+`model.to(dtype)` casts bias but never the int8 weight or its fp32 scale.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import ops
+
+QMAX = 127
+
+
+def quantize_int8(weight: Tensor, group_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """weight (N, K) float -> (qweight (N, K) int8, scale (N,) fp32, or (N, K // group_size) fp32 with
+    group_size). Symmetric, round to nearest even: qweight = round(w / scale), scale = max|w| / 127 (a
+    zero row gets scale 1 and zeros)."""
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_int8: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    w = weight.detach().float()
+    N, K = w.shape
+    if group_size is not None:
+        if group_size <= 0 or K % group_size:
+            raise ValueError(f"quantize_int8: group_size {group_size} must divide in_features {K}")
+        wg = w.view(N, K // group_size, group_size)
+        amax = wg.abs().amax(-1)
+        scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        q = torch.round(wg / scale[..., None]).clamp_(-QMAX, QMAX).to(torch.int8).view(N, K)
+        return q, scale.contiguous()
+    amax = w.abs().amax(-1) if K else w.new_zeros(N)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_int8(qweight: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """qweight * scale as (N, K) in dtype (the product in fp32)."""
+    from fastlm.ops.linear_int8 import dequantize_int8_ref
+
+    return dequantize_int8_ref(qweight, scale, dtype)
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x @ (qweight * scale)^T + bias. in_features, out_features as torch.nn.Linear; group_size None
+    (per output channel scales) or a divisor of in_features (per group). dtype: the bias's (and the
+    activations') dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: Optional[int] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if group_size is not None and (group_size <= 0 or in_features % group_size):
+            raise ValueError(f"Int8Linear: group_size {group_size} must divide in_features {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        sshape = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        self.register_buffer("scale", torch.ones(sshape, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.get_default_dtype(),
+                                                     device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Optional[Tensor] = None, group_size: Optional[int] = None,
+                    dtype: Optional[torch.dtype] = None) -> "Int8Linear":
+        """Quantize weight (out, in) (bias (out,) kept, in `dtype`, default the weight's dtype)."""
+        N, K = weight.shape
+        dtype = dtype or (bias.dtype if bias is not None else weight.dtype)
+        with torch.device("meta"):
+            m = cls(K, N, bias=bias is not None, group_size=group_size, dtype=dtype)
+        q, s = quantize_int8(weight, group_size)
+        m.qweight, m.scale = q.to(weight.device), s.to(weight.device)
+        if bias is not None:
+            m.bias = bias.detach().to(dtype=dtype).clone()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group_size: Optional[int] = None) -> "Int8Linear":
+        return cls.from_weight(linear.weight, linear.bias, group_size)
+
+    def forward(self, input: Tensor) -> Tensor:
+        b = self.bias
+        if b is not None and b.dtype != input.dtype:
+            b = b.to(input.dtype)
+        return ops.linear_int8(input, self.qweight, self.scale, b)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight this layer computes with, (out, in) in dtype."""
+        return dequantize_int8(self.qweight, self.scale, dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() cast floating buffers: the fp32 scale must stay fp32 (it only moves)
+        scale = self._buffers.pop("scale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = fn(torch.empty(0, device=scale.device)) if scale.device.type != "meta" else scale
+            self._buffers["scale"] = scale.to(device=moved.device) if moved.device != scale.device else scale
+        return self
+
+    def extra_repr(self) -> str:
+        g = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{g}"
+
+
+class Bf16Linear(torch.nn.Module):
+    """y = x @ weight^T + bias with weight stored in bf16 (widened to the input's dtype to compute)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.get_default_dtype(),
+                                                     device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Optional[Tensor] = None,
+                    dtype: Optional[torch.dtype] = None) -> "Bf16Linear":
+        N, K = weight.shape
+        dtype = dtype or (bias.dtype if bias is not None else weight.dtype)
+        with torch.device("meta"):
+            m = cls(K, N, bias=bias is not None, dtype=dtype)
+        m.weight = weight.detach().to(torch.bfloat16).contiguous()
+        if bias is not None:
+            m.bias = bias.detach().to(dtype=dtype).clone()
+        return m
+
+    def forward(self, input: Tensor) -> Tensor:
+        b = self.bias
+        if b is not None and b.dtype != input.dtype:
+            b = b.to(input.dtype)
+        if input.dtype == torch.bfloat16:
+            return ops.linear(input, self.weight, b)
+        return F.linear(input, self.weight.to(input.dtype), b)
+
+    def _apply(self, fn, recurse=True):
+        weight = self._buffers.pop("weight")       # stays bf16 whatever the model's dtype
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = fn(torch.empty(0, device=weight.device)) if weight.device.type != "meta" else weight
+            self._buffers["weight"] = weight.to(device=moved.device) if moved.device != weight.device else weight
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+QUANT_LINEARS = (Int8Linear, Bf16Linear)
