@@ -89,8 +89,8 @@ std::vector<std::string> cpu_isa_paths() {
   line("decode_attention_fwd", w ? "avx512" : v,
        w ? r + "; fp32 with D % 16 == 0 and D <= 256, else " + v : r);
   line("linear_fwd", wide, r + "; <= 16 rows, more rows: at::linear (BLAS)");
-  line("linear_argmax_fwd", wide, r + "; int8 screen + exact recompute on the same path");
-  line("linear_topk_logits_fwd", wide, r + "; int8 screen + exact recompute on the same path");
+  line("linear_argmax_fwd", wide, r + "; int8 screen + exact recompute on linear_fwd's path");
+  line("linear_topk_logits_fwd", wide, r + "; int8 screen + exact recompute on linear_fwd's path");
 #else
   line("layer_norm_fwd", v, vr);
   line("layer_norm_bwd", v, vr);

@@ -24,10 +24,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 #include "common.h"
 #include "cpu/decode_parallel.h"
 #include "cpu/linear_tiles.h"
@@ -38,49 +34,6 @@ namespace {
 
 constexpr const char* kOp = "linear_fwd";
 constexpr int64_t kFewRows = 16;  // up to here the weight-streaming kernel; beyond, BLAS
-
-// y[m] = sum_k w[k] * x[m][k] for one W row and MR input rows (row stride ldx), with U k-steps
-// unrolled: MR * U independent fp32 accumulators (>= 4 hide the FMA latency). The W row is one
-// sequential stream that the hardware prefetcher follows; the x rows sit in L1/L2.
-template <int MR, int U>
-inline void row_times_rows(const float* w, const float* x, int64_t ldx, int64_t K, float* y) {
-  int64_t k = 0;
-  float s[MR];
-  for (int m = 0; m < MR; ++m) s[m] = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc[MR][U];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
-  for (; k + 8 * U <= K; k += 8 * U) {
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) {
-      const __m256 wv = _mm256_loadu_ps(w + k + 8 * u);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * u), acc[m][u]);
-    }
-  }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 wv = _mm256_loadu_ps(w + k);
-    for (int m = 0; m < MR; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k), acc[m][0]);
-  }
-  for (int m = 0; m < MR; ++m) {
-    __m256 t = acc[m][0];
-    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][u]);
-    __m128 lo = _mm256_castps256_ps128(t), hi = _mm256_extractf128_ps(t, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    s[m] = _mm_cvtss_f32(lo);
-  }
-#endif
-  for (int m = 0; m < MR; ++m) {
-    for (int64_t kk = k; kk < K; ++kk) s[m] += w[kk] * x[m * ldx + kk];
-    y[m] = s[m];
-  }
-}
-
 
 #if defined(__x86_64__) || defined(_M_X64)
 // (GCC 12 warns that _mm512_undefined_ps inside its own reduce intrinsics is uninitialized: noise.)

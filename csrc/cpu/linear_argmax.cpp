@@ -19,7 +19,10 @@
 // the first largest wins (a NaN logit counts as the largest, as torch.argmax). So the result is
 // bit-for-bit argmax(ops.linear(x[m:m+1], W)), reading 1 byte per weight instead of 4 plus a few
 // rows. A row x_m with a non-finite value, or with more than max(N / 16, 256) candidates, takes
-// the exact full product; machines without AVX-512 run linear_fwd on each row and take its argmax.
+// the exact full product. Two paths, chosen at run time: AVX-512 (tiles of 16 k, exact recompute
+// with tile_avx512<1, 1, 2>) and AVX2 + FMA (8 k per step, Avx2Path; exact recompute with
+// row_times_rows<1, 4>, linear_fwd's one-row AVX2 stream): each recomputes on the path linear_fwd
+// takes on that machine. Builds without AVX2 (aarch64...) run linear_fwd on each row, then argmax.
 #include <ATen/Parallel.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
@@ -47,9 +50,6 @@ namespace {
 constexpr const char* kScreen = "linear_argmax_screen";
 constexpr const char* kOp = "linear_argmax_fwd";
 constexpr int64_t kMaxRows = 16;
-// int8 W rows per register tile: 4 against input rows in blocks of 4/2/1; 3 against blocks of 8
-// (24 accumulators: each widened W vector feeds 8 FMAs)
-inline int tile_rows(int64_t M) { return M >= 8 ? 3 : 4; }
 
 double gamma_k(int64_t k) {
   const double ku = static_cast<double>(k) * std::ldexp(1.0, -24);
@@ -177,7 +177,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void tile_q8(const i
 #pragma GCC diagnostic pop
 
 // linear_fwd's logit for one input row and one W row (the arithmetic of its M == 1 AVX-512 path).
-FASTLM_TILE_TARGET float exact_logit(const float* w, const float* x, int64_t K) {
+FASTLM_TILE_TARGET float exact_logit_avx512(const float* w, const float* x, int64_t K) {
   float out = 0.f;
   tile_avx512<1, 1, 2>(w, K, x, K, K, &out);
   return out + 0.f;  // linear_fwd adds the (zero) bias
@@ -202,9 +202,9 @@ struct RowState {
 // The int8 tiles of W rows [n0, n1) against all M input rows: emit(m, n, sum_k x[m][k] q[n][k]) for
 // every pair (the caller scales by scale[n]).
 template <class Emit>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_tiles(const int8_t* q, const float* x, int64_t M,
-                                                                      int64_t K, int64_t n0, int64_t n1,
-                                                                      const Emit& consider) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_tiles_avx512(const int8_t* q, const float* x,
+                                                                             int64_t M, int64_t K, int64_t n0,
+                                                                             int64_t n1, const Emit& consider) {
   float out[8 * 4];
   auto tile = [&](auto nr_tag, int64_t n) {
     constexpr int nr = decltype(nr_tag)::value;
@@ -234,13 +234,136 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void screen_tiles(const int
     }
   };
   int64_t n = n0;
-  if (tile_rows(M) == 3) {
+  if (M >= 8) {
     for (; n + 3 <= n1; n += 3) tile(std::integral_constant<int, 3>{}, n);
   } else {
     for (; n + 4 <= n1; n += 4) tile(std::integral_constant<int, 4>{}, n);
   }
   for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
 }
+
+// int8 W rows per register tile on AVX-512: 4 against input rows in blocks of 4/2/1; 3 against
+// blocks of 8 (24 accumulators: each widened W vector feeds 8 FMAs).
+struct Avx512Path {
+  static int64_t tile_rows(int64_t M) { return M >= 8 ? 3 : 4; }
+  template <class Emit>
+  static void screen(const int8_t* q, const float* x, int64_t M, int64_t K, int64_t n0, int64_t n1, const Emit& e) {
+    screen_tiles_avx512(q, x, M, K, n0, n1, e);
+  }
+  static float exact(const float* w, const float* x, int64_t K) { return exact_logit_avx512(w, x, K); }
+};
+#endif  // x86
+
+#if defined(__AVX2__) && defined(__FMA__)
+// The AVX2 + FMA screen (16 ymm registers): MR input rows x NR int8 W rows, 8 k per step, each int8
+// group of 8 widened (vpmovsxbd + vcvtdq2ps) once and used for MR FMAs, MR * NR <= 8 accumulators;
+// the next tile's rows prefetched a line per row every 64 k; the K % 8 tail through a zeroed
+// 8-byte copy and a masked x load. out[m * NR + r] = sum_k x[m][k] q[r][k] (fp32).
+inline float hsum256(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1)));
+}
+
+inline __m256 q8_to_ps(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int MR, int NR>
+inline void tile_q8_avx2(const int8_t* q, int64_t K, const float* x, int64_t ldx, float* out) {
+  __m256 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if ((k & 63) == 0) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (NR + r) * K + k), _MM_HINT_T0);
+    }
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) wv[r] = q8_to_ps(q + r * K + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  if (k < K) {  // tail: no read past the rows
+    const int rem = static_cast<int>(K - k);
+    alignas(32) int32_t lanes[8];
+    for (int i = 0; i < 8; ++i) lanes[i] = i < rem ? -1 : 0;
+    const __m256i msk = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      int8_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int i = 0; i < rem; ++i) tmp[i] = q[r * K + k + i];
+      wv[r] = q8_to_ps(tmp);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_maskload_ps(x + m * ldx + k, msk);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) out[m * NR + r] = hsum256(acc[m][r]);
+}
+
+// W rows [n0, n1) against all M rows on AVX2: tiles of 2 W rows against input rows in blocks of 4/2/1
+// when M >= 4, else of 4 W rows against blocks of 2/1 (<= 8 accumulators either way).
+struct Avx2Path {
+  static int64_t tile_rows(int64_t M) { return M >= 4 ? 2 : 4; }
+  template <class Emit>
+  static void screen(const int8_t* q, const float* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                     const Emit& consider) {
+    float out[8];
+    auto tile = [&](auto nr_tag, int64_t n) {
+      constexpr int nr = decltype(nr_tag)::value;
+      const int8_t* qn = q + n * K;
+      int64_t m = 0;
+      if constexpr (nr <= 2) {
+        for (; M - m >= 4; m += 4) {
+          tile_q8_avx2<4, nr>(qn, K, x + m * K, K, out);
+          for (int i = 0; i < 4; ++i)
+            for (int r = 0; r < nr; ++r) consider(m + i, n + r, out[i * nr + r]);
+        }
+      }
+      for (; M - m >= 2; m += 2) {
+        tile_q8_avx2<2, nr>(qn, K, x + m * K, K, out);
+        for (int i = 0; i < 2; ++i)
+          for (int r = 0; r < nr; ++r) consider(m + i, n + r, out[i * nr + r]);
+      }
+      if (M - m == 1) {
+        tile_q8_avx2<1, nr>(qn, K, x + m * K, K, out);
+        for (int r = 0; r < nr; ++r) consider(m, n + r, out[r]);
+      }
+    };
+    int64_t n = n0;
+    if (M >= 4) {
+      for (; n + 2 <= n1; n += 2) tile(std::integral_constant<int, 2>{}, n);
+    } else {
+      for (; n + 4 <= n1; n += 4) tile(std::integral_constant<int, 4>{}, n);
+    }
+    for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
+  }
+  // linear_fwd's one-row logit on this path (row_times_rows<1, 4>, linear.cpp's M == 1 AVX2 stream)
+  static float exact(const float* w, const float* x, int64_t K) {
+    float out = 0.f;
+    row_times_rows<1, 4>(w, x, K, K, &out);
+    return out + 0.f;  // linear_fwd adds the (zero) bias
+  }
+};
+#endif  // AVX2 + FMA
+
+#if defined(__x86_64__) || defined(_M_X64)
 
 // torch.argmax's order: the first NaN, else the first largest.
 inline bool better(float v, int64_t n, float best, int64_t best_n) {
@@ -264,90 +387,106 @@ void screened_rows(const at::Tensor& x, std::vector<float>& xf, std::vector<RowS
   }
 }
 
-// linear_fwd's logits of input row m alone (its one-row arithmetic), into out (N floats).
+// linear_fwd's logits of input row m alone (its one-row arithmetic on path P), into out (N floats).
+template <class P>
 void exact_row(const float* wp, const float* xm, int64_t N, int64_t K, float* out) {
   parallel_range(0, N, std::max<int64_t>(1, (int64_t(1) << 14) / K), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) out[n] = exact_logit(wp + n * K, xm, K);
+    for (int64_t n = begin; n < end; ++n) out[n] = P::exact(wp + n * K, xm, K);
   });
 }
 
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
+// The screened argmax on path P (Avx512Path / Avx2Path) into res (M,): see the file comment.
+template <class P>
+void argmax_screened(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight, const at::Tensor& scale,
+                     const at::Tensor& slack, int64_t* res) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const at::Tensor wc = weight.contiguous();
+  const float* wp = wc.data_ptr<float>();
+  std::vector<float> xf;
+  std::vector<RowState> rows;
+  screened_rows(x, xf, rows);
+  // Pass 1 (parallel over W rows): screened logits, per-chunk thresholds and candidates.
+  const float* sp = scale.data_ptr<float>();
+  const float* slp = slack.data_ptr<float>();
+  std::mutex mu;
+  std::vector<double> lo_max(M, -std::numeric_limits<double>::infinity());
+  std::vector<std::pair<int64_t, std::vector<Candidate>>> chunks;  // (first tile, candidates)
+  const int64_t nr = P::tile_rows(M);
+  const int64_t tiles = (N + nr - 1) / nr;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1));
+  parallel_range(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    // this chunk's candidates: a_mn + e_mn >= its running max of a - e (a superset of the final
+    // ones), and its max of a - e per row in lo
+    std::vector<double> lo(M, -std::numeric_limits<double>::infinity());
+    std::vector<Candidate> cand;
+    P::screen(qweight.data_ptr<int8_t>(), xf.data(), M, K, begin * nr, std::min(N, end * nr),
+                 [&](int64_t m, int64_t n, float acc) {
+                   if (!rows[m].screened) return;
+                   const double a = static_cast<double>(acc * sp[n]);
+                   const double e = bound(rows[m].xnorm, slp[n]);
+                   if (a - e > lo[m]) lo[m] = a - e;
+                   if (a + e >= lo[m]) cand.push_back({m, n, a});
+                 });
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t m = 0; m < M; ++m) lo_max[m] = std::max(lo_max[m], lo[m]);
+    chunks.emplace_back(begin, std::move(cand));
+  });
+  std::sort(chunks.begin(), chunks.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  // Final candidates per row, in n order.
+  std::vector<std::vector<int64_t>> per_row(M);
+  const int64_t cap = std::max<int64_t>(N / 16, 256);
+  for (const auto& chunk : chunks)
+    for (const auto& [m, n, a] : chunk.second) {
+      if (!rows[m].screened) continue;
+      if (a + bound(rows[m].xnorm, slp[n]) >= lo_max[m]) {
+        per_row[m].push_back(n);
+        if (static_cast<int64_t>(per_row[m].size()) > cap) rows[m].screened = false;
+      }
+    }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = xf.data() + m * K;
+    float best = 0.f;
+    int64_t best_n = -1;
+    if (rows[m].screened) {
+      for (const int64_t n : per_row[m]) {
+        const float v = P::exact(wp + n * K, xm, K);
+        if (better(v, n, best, best_n)) best = v, best_n = n;
+      }
+    } else {  // the exact full product (parallel over W rows), then the first largest
+      std::vector<float> logits(N);
+      exact_row<P>(wp, xm, N, K, logits.data());
+      for (int64_t n = 0; n < N; ++n)
+        if (better(logits[n], n, best, best_n)) best = logits[n], best_n = n;
+    }
+    TORCH_CHECK(best_n >= 0, "fastlm: ", kOp, ": internal error: no candidate for row ", m);
+    res[m] = best_n;
+  }
+}
+#endif
+
 at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight,
                                  const at::Tensor& scale, const at::Tensor& slack) {
   check_screened_args(x, weight, qweight, scale, slack, kOp);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t M = x.size(0), K = x.size(1);
   at::Tensor result = at::empty({M}, x.options().dtype(at::kLong));
   if (M == 0) return result;
   int64_t* res = result.data_ptr<int64_t>();
 #if defined(__x86_64__) || defined(_M_X64)
-  if (cpu_use_avx512() && K > 0) {
-    const at::Tensor wc = weight.contiguous();
-    const float* wp = wc.data_ptr<float>();
-    std::vector<float> xf;
-    std::vector<RowState> rows;
-    screened_rows(x, xf, rows);
-    // Pass 1 (parallel over W rows): screened logits, per-chunk thresholds and candidates.
-    const float* sp = scale.data_ptr<float>();
-    const float* slp = slack.data_ptr<float>();
-    std::mutex mu;
-    std::vector<double> lo_max(M, -std::numeric_limits<double>::infinity());
-    std::vector<std::pair<int64_t, std::vector<Candidate>>> chunks;  // (first tile, candidates)
-    const int64_t nr = tile_rows(M);
-    const int64_t tiles = (N + nr - 1) / nr;
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1));
-    parallel_range(0, tiles, grain, [&](int64_t begin, int64_t end) {
-      // this chunk's candidates: a_mn + e_mn >= its running max of a - e (a superset of the final
-      // ones), and its max of a - e per row in lo
-      std::vector<double> lo(M, -std::numeric_limits<double>::infinity());
-      std::vector<Candidate> cand;
-      screen_tiles(qweight.data_ptr<int8_t>(), xf.data(), M, K, begin * nr, std::min(N, end * nr),
-                   [&](int64_t m, int64_t n, float acc) {
-                     if (!rows[m].screened) return;
-                     const double a = static_cast<double>(acc * sp[n]);
-                     const double e = bound(rows[m].xnorm, slp[n]);
-                     if (a - e > lo[m]) lo[m] = a - e;
-                     if (a + e >= lo[m]) cand.push_back({m, n, a});
-                   });
-      std::lock_guard<std::mutex> lock(mu);
-      for (int64_t m = 0; m < M; ++m) lo_max[m] = std::max(lo_max[m], lo[m]);
-      chunks.emplace_back(begin, std::move(cand));
-    });
-    std::sort(chunks.begin(), chunks.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-    // Final candidates per row, in n order.
-    std::vector<std::vector<int64_t>> per_row(M);
-    const int64_t cap = std::max<int64_t>(N / 16, 256);
-    for (const auto& chunk : chunks)
-      for (const auto& [m, n, a] : chunk.second) {
-        if (!rows[m].screened) continue;
-        if (a + bound(rows[m].xnorm, slp[n]) >= lo_max[m]) {
-          per_row[m].push_back(n);
-          if (static_cast<int64_t>(per_row[m].size()) > cap) rows[m].screened = false;
-        }
-      }
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = xf.data() + m * K;
-      float best = 0.f;
-      int64_t best_n = -1;
-      if (rows[m].screened) {
-        for (const int64_t n : per_row[m]) {
-          const float v = exact_logit(wp + n * K, xm, K);
-          if (better(v, n, best, best_n)) best = v, best_n = n;
-        }
-      } else {  // the exact full product (parallel over W rows), then the first largest
-        std::vector<float> logits(N);
-        exact_row(wp, xm, N, K, logits.data());
-        for (int64_t n = 0; n < N; ++n)
-          if (better(logits[n], n, best, best_n)) best = logits[n], best_n = n;
-      }
-      TORCH_CHECK(best_n >= 0, "fastlm: ", kOp, ": internal error: no candidate for row ", m);
-      res[m] = best_n;
-    }
+  if (K > 0 && cpu_use_avx512()) {
+    argmax_screened<Avx512Path>(x, weight, qweight, scale, slack, res);
     return result;
   }
 #endif
-  // Without AVX-512: linear_fwd's own arithmetic for each row alone (its one-row AVX2 kernel), then
-  // torch's argmax.
+#if defined(__AVX2__) && defined(__FMA__)
+  if (K > 0) {
+    argmax_screened<Avx2Path>(x, weight, qweight, scale, slack, res);
+    return result;
+  }
+#endif
+  // Builds without AVX2: linear_fwd's own arithmetic for each row alone, then torch's argmax.
   static const auto linear_fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastlm_C::linear_fwd", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
   for (int64_t m = 0; m < M; ++m)
@@ -355,12 +494,80 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
   return result;
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
+// The screened top-k logits on path P into outp (M x N): see linear_topk_logits_fwd_cpu.
+template <class P>
+void topk_screened(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight, const at::Tensor& scale,
+                   const at::Tensor& slack, int64_t k, float* outp) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const at::Tensor wc = weight.contiguous();
+  const float* wp = wc.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* slp = slack.data_ptr<float>();
+  std::vector<float> xf;
+  std::vector<RowState> rows;
+  screened_rows(x, xf, rows);
+  // Pass 1 (parallel over W rows): the screened logits a (M x N, unscaled sums scaled here).
+  std::vector<float> a(M * N);
+  const int64_t nr = P::tile_rows(M);
+  const int64_t tiles = (N + nr - 1) / nr;
+  parallel_range(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1)),
+                 [&](int64_t begin, int64_t end) {
+                   P::screen(qweight.data_ptr<int8_t>(), xf.data(), M, K, begin * nr, std::min(N, end * nr),
+                                [&](int64_t m, int64_t n, float acc) { a[m * N + n] = acc * sp[n]; });
+                 });
+  const int64_t cap = std::max<int64_t>({N / 16, 256, 4 * k});
+  // Rows in parallel (one task each; exact_row inside runs serially then).
+  parallel_range(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<double> lo(N), sample, top;
+    std::vector<int64_t> cand;
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* am = a.data() + m * N;
+      const float* xm = xf.data() + m * K;
+      float* om = outp + m * N;
+      bool full = !rows[m].screened || k >= N;
+      if (!full) {
+        for (int64_t n = 0; n < N; ++n) lo[n] = static_cast<double>(am[n]) - bound(rows[m].xnorm, slp[n]);
+        // T = the k-th largest lower bound, selected among the rows at or above T0 = the k-th largest of
+        // every 16th (T0 <= T: at least k rows pass)
+        double T0 = -std::numeric_limits<double>::infinity();
+        sample.clear();
+        for (int64_t n = 0; n < N; n += 16) sample.push_back(lo[n]);
+        if (static_cast<int64_t>(sample.size()) >= k) {
+          std::nth_element(sample.begin(), sample.begin() + (k - 1), sample.end(), std::greater<double>());
+          T0 = sample[k - 1];
+        }
+        top.clear();
+        for (int64_t n = 0; n < N; ++n)
+          if (lo[n] >= T0) top.push_back(lo[n]);
+        std::nth_element(top.begin(), top.begin() + (k - 1), top.end(), std::greater<double>());
+        const double T = top[k - 1];
+        cand.clear();
+        for (int64_t n = 0; n < N && !full; ++n) {
+          if (static_cast<double>(am[n]) + bound(rows[m].xnorm, slp[n]) >= T) {
+            cand.push_back(n);
+            full = static_cast<int64_t>(cand.size()) > cap;
+          }
+        }
+      }
+      if (full) {
+        exact_row<P>(wp, xm, N, K, om);
+        continue;
+      }
+      std::fill(om, om + N, -std::numeric_limits<float>::infinity());
+      for (const int64_t n : cand) om[n] = P::exact(wp + n * K, xm, K);
+    }
+  });
+}
+#endif
+
 // Logits for top-k sampling: (M, N) fp32 whose entries are each row's exact logit (linear_fwd's
 // one-row arithmetic) or -inf, with every logit >= the row's k-th largest exact. So masking all but
 // the k largest gives exactly what it gives on the full product. Per row: T = the k-th largest lower
 // bound a - e; a row n with a_n + e_n < T has k rows strictly above it. The candidates (a + e >= T)
 // are recomputed exactly; a row with a non-finite input, k >= N, or more than max(N / 16, 256, 4k)
-// candidates gets the full exact row. Without AVX-512: linear_fwd on each row alone.
+// candidates gets the full exact row. AVX-512 and AVX2 paths as the argmax; without AVX2: linear_fwd
+// on each row alone.
 at::Tensor linear_topk_logits_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight,
                                       const at::Tensor& scale, const at::Tensor& slack, int64_t k) {
   constexpr const char* op = "linear_topk_logits_fwd";
@@ -371,65 +578,14 @@ at::Tensor linear_topk_logits_fwd_cpu(const at::Tensor& x, const at::Tensor& wei
   if (M == 0) return out;
   float* outp = out.data_ptr<float>();
 #if defined(__x86_64__) || defined(_M_X64)
-  if (cpu_use_avx512() && K > 0) {
-    const at::Tensor wc = weight.contiguous();
-    const float* wp = wc.data_ptr<float>();
-    const float* sp = scale.data_ptr<float>();
-    const float* slp = slack.data_ptr<float>();
-    std::vector<float> xf;
-    std::vector<RowState> rows;
-    screened_rows(x, xf, rows);
-    // Pass 1 (parallel over W rows): the screened logits a (M x N, unscaled sums scaled here).
-    std::vector<float> a(M * N);
-    const int64_t nr = tile_rows(M);
-    const int64_t tiles = (N + nr - 1) / nr;
-    parallel_range(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     screen_tiles(qweight.data_ptr<int8_t>(), xf.data(), M, K, begin * nr, std::min(N, end * nr),
-                                  [&](int64_t m, int64_t n, float acc) { a[m * N + n] = acc * sp[n]; });
-                   });
-    const int64_t cap = std::max<int64_t>({N / 16, 256, 4 * k});
-    // Rows in parallel (one task each; exact_row inside runs serially then).
-    parallel_range(0, M, 1, [&](int64_t m0, int64_t m1) {
-      std::vector<double> lo(N), sample, top;
-      std::vector<int64_t> cand;
-      for (int64_t m = m0; m < m1; ++m) {
-        const float* am = a.data() + m * N;
-        const float* xm = xf.data() + m * K;
-        float* om = outp + m * N;
-        bool full = !rows[m].screened || k >= N;
-        if (!full) {
-          for (int64_t n = 0; n < N; ++n) lo[n] = static_cast<double>(am[n]) - bound(rows[m].xnorm, slp[n]);
-          // T = the k-th largest lower bound, selected among the rows at or above T0 = the k-th largest of
-          // every 16th (T0 <= T: at least k rows pass)
-          double T0 = -std::numeric_limits<double>::infinity();
-          sample.clear();
-          for (int64_t n = 0; n < N; n += 16) sample.push_back(lo[n]);
-          if (static_cast<int64_t>(sample.size()) >= k) {
-            std::nth_element(sample.begin(), sample.begin() + (k - 1), sample.end(), std::greater<double>());
-            T0 = sample[k - 1];
-          }
-          top.clear();
-          for (int64_t n = 0; n < N; ++n)
-            if (lo[n] >= T0) top.push_back(lo[n]);
-          std::nth_element(top.begin(), top.begin() + (k - 1), top.end(), std::greater<double>());
-          const double T = top[k - 1];
-          cand.clear();
-          for (int64_t n = 0; n < N && !full; ++n) {
-            if (static_cast<double>(am[n]) + bound(rows[m].xnorm, slp[n]) >= T) {
-              cand.push_back(n);
-              full = static_cast<int64_t>(cand.size()) > cap;
-            }
-          }
-        }
-        if (full) {
-          exact_row(wp, xm, N, K, om);
-          continue;
-        }
-        std::fill(om, om + N, -std::numeric_limits<float>::infinity());
-        for (const int64_t n : cand) om[n] = exact_logit(wp + n * K, xm, K);
-      }
-    });
+  if (K > 0 && cpu_use_avx512()) {
+    topk_screened<Avx512Path>(x, weight, qweight, scale, slack, k, outp);
+    return out;
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (K > 0) {
+    topk_screened<Avx2Path>(x, weight, qweight, scale, slack, k, outp);
     return out;
   }
 #endif
