@@ -83,6 +83,17 @@ TORCH_LIBRARY(fastlm_C, m) {
   // The dequantized weight qweight * scale as fp32 (N, K) (the many-row path's GEMM operand).
   m.def("linear_int8_dequant(Tensor qweight, Tensor scale) -> Tensor");
   // ---- end [linear_int8] ----
+  // ---- [serving] paged KV cache (csrc/cpu/paged_attention.cpp, csrc/cpu/linear_rowwise.cpp) ----
+  // Attention over a block-paged cache: q (T, H, D); caches (num_blocks, Hkv, block_size, D);
+  // block_tables (R, max_blocks) int32; query t reads row seq_index[t] (T,) int32 and attends to
+  // positions [0, key_lens[t]) (T,) int32 (decode: the context length; prefill: position + 1). -> (T, H, D).
+  m.def("paged_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_index,"
+        " Tensor key_lens, float scale) -> Tensor");
+  // Cache write: key/value (T, Hkv, D) to flat slots (T,) int64 = block * block_size + offset (-1: skip).
+  m.def("paged_kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
+  // Batch-invariant y = act(x @ weight^T + bias): every row with linear_fwd's one-row arithmetic;
+  // activation "none", "tanh" or "erf" (GELU).
+  m.def("linear_rowwise_fwd(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
 }
 
 extern "C" {

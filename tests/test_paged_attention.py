@@ -1,0 +1,188 @@
+"""Paged attention (fastlm/ops/paged_attention.py): parity of every backend against the fp64 reference
+on odd shapes, ragged lengths (0, 1, 15, 16, 17, 100), GQA, shuffled block tables, NaN-poisoned
+outputs; the decode and prefill wrappers; the cache write; the batch-invariant linear; bad inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.ops import paged_attention as pa
+from tests.helpers import assert_close, backend_params, poison_outputs
+
+LENS = [0, 1, 15, 16, 17, 100]
+
+
+def _paged_case(lens, H, Hkv, D, bs, dtype, seed=0):
+    """Random caches with each request's blocks at shuffled block ids; returns q, caches, tables."""
+    g = torch.Generator().manual_seed(seed)
+    need = [(L + bs - 1) // bs for L in lens]
+    max_blocks = max(max(need), 1)
+    nb = sum(need) + 3                                   # spare blocks that nobody reads
+    perm = torch.randperm(nb, generator=g)
+    tables = torch.full((len(lens), max_blocks), -1, dtype=torch.int32)   # -1: unused entries
+    i = 0
+    for r, n in enumerate(need):
+        tables[r, :n] = perm[i:i + n].to(torch.int32)
+        i += n
+    k = torch.randn(nb, Hkv, bs, D, generator=g).to(dtype)
+    v = torch.randn(nb, Hkv, bs, D, generator=g).to(dtype)
+    q = torch.randn(len(lens), H, D, generator=g).to(dtype)
+    return q, k, v, tables
+
+
+def _torch_baseline(q, k, v, tables, seq, lens, scale):
+    """The same math by PyTorch in q's dtype (the error bound's baseline)."""
+    return pa.paged_attention_fwd_ref(q, k, v, tables, seq, lens, scale) if q.dtype == torch.float32 else \
+        _low(q, k, v, tables, seq, lens, scale)
+
+
+def _low(q, k, v, tables, seq, lens, scale):
+    T, H, D = q.shape
+    _, Hkv, bs, _ = k.shape
+    out = torch.zeros_like(q)
+    for t in range(T):
+        L = int(lens[t])
+        if L == 0:
+            continue
+        blocks = tables[int(seq[t]), : (L + bs - 1) // bs].long()
+        kk = k[blocks].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :L].repeat_interleave(H // Hkv, 0)
+        vv = v[blocks].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :L].repeat_interleave(H // Hkv, 0)
+        out[t] = torch.nn.functional.scaled_dot_product_attention(q[t][:, None], kk, vv, scale=scale)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention"))
+@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 4, 64, 16), (6, 2, 40, 16), (3, 1, 17, 5), (2, 2, 128, 8)])
+def test_paged_decode_matches_ref(device, backend, dtype, H, Hkv, D, bs):
+    lens = LENS if backend != "triton" else [0, 1, 15, 17, 40]
+    q, k, v, tables = _paged_case(lens, H, Hkv, D, bs, dtype)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    scale = 1 / math.sqrt(D)
+    with fastlm.use_backend(backend), poison_outputs():
+        out = pa.paged_decode_attention(q, k, v, tables, cl)
+    seq = torch.arange(len(lens), dtype=torch.int32)
+    oracle = pa.paged_attention_fwd_ref(q.double(), k.double(), v.double(), tables, seq, cl, scale)
+    base = None if dtype == torch.float32 else _low(q, k, v, tables, seq, cl, scale)
+    assert_close(f"paged decode {backend} {dtype}", out, oracle, base)
+    assert torch.all(out[0] == 0)  # length 0: zeros
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention"))
+def test_paged_prefill_matches_dense_causal(device, backend, dtype):
+    """A chunk of new tokens per request over its cached prefix == dense causal attention over the whole
+    sequence, restricted to the chunk's rows."""
+    H, Hkv, D, bs = 4, 2, 32, 16
+    totals, chunks = [17, 40, 5, 33], [17, 7, 1, 16]        # request r: chunk = the last chunks[r] tokens
+    g = torch.Generator().manual_seed(1)
+    q, k, v, tables = _paged_case(totals, H, Hkv, D, bs, dtype, seed=1)
+    qs = [torch.randn(c, H, D, generator=g).to(dtype) for c in chunks]
+    qcat = torch.cat(qs)
+    qsl = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0)), dtype=torch.int32)
+    with fastlm.use_backend(backend), poison_outputs():
+        out = pa.paged_prefill_attention(qcat, k, v, tables, qsl, torch.tensor(totals, dtype=torch.int32))
+    for r, (L, c) in enumerate(zip(totals, chunks)):
+        blocks = tables[r, : (L + bs - 1) // bs].long()
+        kk = k[blocks].double().permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :L].repeat_interleave(H // Hkv, 0)
+        vv = v[blocks].double().permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :L].repeat_interleave(H // Hkv, 0)
+        qq = qs[r].double().permute(1, 0, 2)                                     # (H, c, D)
+        mask = torch.arange(L)[None, :] <= torch.arange(L - c, L)[:, None]     # (c, L) causal at the tail
+        ref = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).permute(1, 0, 2)
+        assert_close(f"prefill r{r} {backend} {dtype}", out[qsl[r]:qsl[r + 1]], ref, None,
+                     atol={torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype])
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention", [torch.float32]))
+def test_paged_attention_token_invariance(device, backend, dtype):
+    """A token's output does not depend on the other tokens in the call (bit for bit on cpu)."""
+    q, k, v, tables = _paged_case([1, 15, 16, 17, 100, 33], 4, 2, 64, 16, dtype)
+    lens = torch.tensor([1, 15, 16, 17, 100, 33], dtype=torch.int32)
+    seq = torch.arange(6, dtype=torch.int32)
+    with fastlm.use_backend(backend):
+        full = pa.paged_attention(q, k, v, tables, seq, lens)
+        for idx in ([4], [1, 4], [5, 4, 0]):
+            part = pa.paged_attention(q[idx], k, v, tables, seq[idx], lens[idx])
+            if backend == "cpu":
+                assert torch.equal(part, full[idx])
+            else:
+                torch.testing.assert_close(part, full[idx])
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention", [torch.float32]))
+def test_paged_attention_nan(device, backend, dtype):
+    q, k, v, tables = _paged_case([5, 9], 2, 2, 16, 4, dtype)
+    blk = int(tables[1, 1])
+    k[blk, 0, 0, 3] = float("nan")                        # request 1's position 4, kv head 0
+    with fastlm.use_backend(backend):
+        out = pa.paged_decode_attention(q, k, v, tables, torch.tensor([5, 9], dtype=torch.int32))
+    assert torch.isnan(out[1, 0]).all()
+    assert not torch.isnan(out[1, 1]).any() and not torch.isnan(out[0]).any()
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention"))
+def test_paged_kv_write(device, backend, dtype):
+    nb, Hkv, bs, D = 5, 3, 4, 7
+    kc, vc = torch.zeros(nb, Hkv, bs, D, dtype=dtype), torch.zeros(nb, Hkv, bs, D, dtype=dtype)
+    key, val = torch.randn(6, Hkv, D).to(dtype), torch.randn(6, Hkv, D).to(dtype)
+    slots = torch.tensor([0, 3, 4, -1, 19, 9])
+    with fastlm.use_backend(backend):
+        pa.paged_kv_write(key, val, kc, vc, slots)
+    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+    pa.paged_kv_write_ref(key, val, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    assert kc[4 // bs, :, 4 % bs].equal(key[2]) and kc[19 // bs, :, 19 % bs].equal(key[4])
+    assert int((kc != 0).any(-1).sum()) == 5 * Hkv       # the -1 row is skipped
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params("linear_rowwise"))
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (37, 129, 31), (70, 64, 5), (3, 17, 100)])
+@pytest.mark.parametrize("act", ["none", "tanh", "erf"])
+def test_linear_rowwise(device, backend, dtype, M, K, N, act):
+    x, w, b = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype), torch.randn(N).to(dtype)
+    with fastlm.use_backend(backend), poison_outputs():
+        y = pa.linear_rowwise(x, w, b, act)
+    oracle = pa.linear_rowwise_fwd_ref(x.double(), w.double(), b.double(), act)
+    base = pa.linear_rowwise_fwd_ref(x, w, b, act) if dtype != torch.float32 else None
+    assert_close(f"linear_rowwise {backend} {dtype}", y, oracle, base,
+                 atol={torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype])
+    if backend == "cpu":
+        # batch invariance: every row == the row alone, bit for bit; fp32 == ops.linear on one row
+        for i in (0, M // 2, M - 1):
+            assert torch.equal(pa.linear_rowwise(x[i:i + 1], w, b, act), y[i:i + 1])
+        if act == "none" and dtype == torch.float32:
+            for i in (0, M - 1):
+                assert torch.equal(fastlm.ops.linear(x[i:i + 1], w, b), y[i:i + 1])
+
+
+def test_bad_inputs():
+    q, k, v, tables = _paged_case([5, 9], 2, 2, 16, 4, torch.float32)
+    lens = torch.tensor([5, 9], dtype=torch.int32)
+    seq = torch.arange(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="query"):
+        pa.paged_attention(q[0], k, v, tables, seq, lens)
+    with pytest.raises(TypeError, match="key_lens"):
+        pa.paged_attention(q, k, v, tables, seq, lens.float())
+    with pytest.raises(ValueError, match="key_lens"):
+        pa.paged_attention(q, k, v, tables, seq, torch.tensor([5, 99], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seq_index"):
+        pa.paged_attention(q, k, v, tables, torch.tensor([0, 2], dtype=torch.int32), lens)
+    bad = tables.clone()
+    bad[1, 0] = 1000
+    with pytest.raises(ValueError, match="block ids"):
+        pa.paged_attention(q, k, v, bad, seq, lens)
+    with pytest.raises(TypeError, match="value_cache"):
+        pa.paged_attention(q, k, v.half(), tables, seq, lens)
+    with pytest.raises(ValueError, match="multiple"):
+        pa.paged_attention(torch.randn(2, 3, 16), k, v, tables, seq, lens)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        pa.paged_kv_write(torch.randn(2, 2, 16), torch.randn(2, 2, 16), k, v, torch.tensor([0, 10 ** 6]))
+    with pytest.raises(ValueError, match="query_start_loc"):
+        pa.paged_prefill_attention(q, k, v, tables, torch.tensor([0, 1, 3]), lens)
+    with pytest.raises(ValueError, match="activation"):
+        pa.linear_rowwise(torch.randn(2, 4), torch.randn(3, 4), None, "relu")
+    # the C++ op itself refuses a block id out of range (a direct torch.ops call)
+    if "cpu" in fastlm.available_backends("paged_attention"):
+        with pytest.raises(RuntimeError, match="block_tables"):
+            torch.ops.fastlm_C.paged_attention_fwd(q, k, v, bad, seq, lens, 0.25)
