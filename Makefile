@@ -17,6 +17,10 @@ export TRANSFORMERS_OFFLINE := 1
 # No GPU: run the Triton kernels under the interpreter (must be set before triton is imported).
 HAS_GPU = $(shell $(BIN)/python -c 'import torch,sys; sys.stdout.write("1" if torch.cuda.is_available() else "0")' 2>/dev/null)
 
+# CPU-kernel test files run a second time on an AVX-512 host with fastlm's AVX2 kernels forced.
+AVX2_TESTS := tests/test_linear.py tests/test_layer_norm.py tests/test_gelu_ffn.py tests/test_decode.py \
+              tests/test_attention.py tests/test_paged_attention.py tests/test_linear_int8.py tests/test_linear_argmax.py
+
 .PHONY: test bench gpu-check build venv clean
 
 venv: $(STAMP)
@@ -35,7 +39,11 @@ $(BUILT): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/c
 
 test: build
 	@if [ "$(HAS_GPU)" = "1" ]; then interp=0; else interp=1; fi; \
-	FASTLM_REQUIRE_ALL=1 TRITON_INTERPRET=$$interp $(BIN)/python -m pytest -q tests
+	FASTLM_REQUIRE_ALL=1 TRITON_INTERPRET=$$interp $(BIN)/python -m pytest -q tests && \
+	if grep -q avx512f /proc/cpuinfo; then \
+	  echo "fastlm: AVX-512 host: the CPU kernel tests again on fastlm's AVX2 kernels (FASTLM_CPU_NO_AVX512=1)"; \
+	  FASTLM_CPU_NO_AVX512=1 FASTLM_REQUIRE_ALL=1 TRITON_INTERPRET=$$interp $(BIN)/python -m pytest -q -k cpu $(AVX2_TESTS); \
+	fi
 
 bench: build
 	@if [ "$(HAS_GPU)" = "1" ]; then $(BIN)/fastlm bench --quick --device cuda --out bench-out; \
