@@ -160,6 +160,26 @@ def test_real_op_measures_once_per_key(toy):
                                atol=1e-4, rtol=1e-4)
 
 
+@needs_cpu
+def test_multi_output_op_with_constant_inputs_keeps_every_backend(toy):
+    """add_layer_norm where only weight/bias need gradients: torch's `summed` (x + r of constants) does
+    not require grad while the custom op's does; the timed fwd+bwd must still compare the backends
+    (it once raised "got 2 tensors and 1 gradients" and excluded cpu)."""
+    import warnings
+    x, r = torch.randn(5, 24), torch.randn(5, 24)
+    w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", backends.AutotuneWarning)
+        out, summed = ops.add_layer_norm(x, r, (24,), w, b)
+    recs = [rec for rec in backends.cached_choices() if rec["op"] == "add_layer_norm"]
+    assert len(recs) == 1 and not recs[0]["excluded"] and set(recs[0]["times_ms"]) >= {"cpu", "torch"}
+    (out.sum() + summed.sum()).backward()
+    wr, br = w.detach().requires_grad_(), b.detach().requires_grad_()
+    F.layer_norm(x + r, (24,), wr, br).sum().backward()
+    torch.testing.assert_close(w.grad, wr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.grad, br.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_hot_path_is_cheap(toy):
     """Print the per-call cost of a cache hit (measured in the bench; never asserted as a speed)."""
     x = torch.randn(4, 16)

@@ -109,14 +109,18 @@ def _measurer(fn: Callable, args: tuple, grad: bool) -> Callable:
             with torch.enable_grad():
                 outs = fn(*leaves)
                 outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
-                diff = [o for o in outs if o.requires_grad]
-                if "g" not in upstream:
-                    gen = torch.Generator(device=outs[0].device).manual_seed(0)
-                    upstream["g"] = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float64)
-                                     for o in diff]
+                # One fixed upstream gradient per output position: backends may differ in which outputs
+                # require grad (a custom op marks all of them; torch's `x + r` of two constants does
+                # not), and an output that does not depend on the leaves adds nothing.
+                diff = [(i, o) for i, o in enumerate(outs) if o.requires_grad]
+                for i, o in diff:
+                    if i not in upstream:
+                        gen = torch.Generator(device=o.device).manual_seed(i)
+                        upstream[i] = torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float64)
                 wrt = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
-                grads = torch.autograd.grad(diff, wrt, [g.to(o.dtype) for g, o in zip(upstream["g"], diff)],
+                grads = torch.autograd.grad([o for _, o in diff], wrt, [upstream[i].to(o.dtype) for i, o in diff],
                                             allow_unused=True)
+                grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt))
             return tuple(o.detach() for o in outs) + tuple(grads)
 
     return measure
