@@ -19,6 +19,7 @@ assign=True)` (no re-quantization of the real weights).
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -44,32 +45,83 @@ def _from_conv1d(conv: torch.nn.Module, weights: str, group_size: Optional[int])
     return _convert(conv.weight.t(), conv.bias, weights, group_size, conv.weight.dtype)
 
 
-def _swap(parent: torch.nn.Module, name: str, fn) -> int:
+# A target: (parent module, attribute name, "linear" | "conv1d"). Collected first, so that every check
+# (group_size against each in_features, a model quantized before with other weights) runs before any
+# swap: a bad argument leaves the model as it was.
+
+def _targets_native_gpt2(model) -> list:
+    out = [(blk, name, "linear") for blk in model.blocks for name in ("c_attn", "c_proj", "fc", "proj")]
+    return out + [(model, "lm_head", "head")]
+
+
+def _targets_native_bert(model) -> list:
+    return [(layer, name, "linear") for layer in model.layers for name in ("qkv", "proj", "fc1", "fc2")]
+
+
+def _targets_hf(model, kind: str) -> list:
+    out = []
+    if kind == "gpt2":
+        tr = model.transformer if hasattr(model, "transformer") else model
+        for h in tr.h:
+            out += [(h.attn, "c_attn", "conv1d"), (h.attn, "c_proj", "conv1d"), (h.mlp, "c_fc", "conv1d"),
+                    (h.mlp, "c_proj", "conv1d")]
+        if getattr(model, "lm_head", None) is not None:
+            out.append((model, "lm_head", "linear"))
+    else:  # bert
+        enc = model.encoder if hasattr(model, "encoder") else model.bert.encoder
+        for L in enc.layer:
+            sa = L.attention.self
+            out += [(sa, "query", "linear"), (sa, "key", "linear"), (sa, "value", "linear"),
+                    (L.attention.output, "dense", "linear"), (L.intermediate, "dense", "linear"),
+                    (L.output, "dense", "linear")]
+    return out
+
+
+def _in_features(parent, name: str, how: str, model) -> Optional[int]:
     child = getattr(parent, name)
     if isinstance(child, QUANT_LINEARS):
-        return 0
-    setattr(parent, name, fn(child))
-    return 1
+        return None
+    if how == "head":
+        return model.head_weight.shape[1]
+    return child.weight.shape[0] if how == "conv1d" else child.weight.shape[1]
 
 
-def _quantize_native_gpt2(model, weights, group_size) -> int:
+def _check_targets(model, targets: list, weights: str, group_size: Optional[int]) -> None:
+    want = Int8Linear if weights == "int8" else Bf16Linear
+    for parent, name, how in targets:
+        child = getattr(parent, name)
+        if isinstance(child, QUANT_LINEARS):
+            if not isinstance(child, want):
+                have = "int8" if isinstance(child, Int8Linear) else "bf16"
+                raise ValueError(f"fastlm.quantize: the model already has {have} weights; weights={weights!r} "
+                                 f"cannot re-quantize them (quantize a fresh copy of the original model)")
+            if weights == "int8" and child.group_size != group_size:
+                raise ValueError(f"fastlm.quantize: the model is already quantized with group_size="
+                                 f"{child.group_size}, got group_size={group_size!r}")
+            continue
+        K = _in_features(parent, name, how, model)
+        if group_size is not None and K % group_size:
+            raise ValueError(f"fastlm.quantize: group_size {group_size} does not divide the in_features {K} of "
+                             f"{type(parent).__name__}.{name}")
+
+
+def _apply(model, targets: list, weights: str, group_size: Optional[int]) -> int:
     n = 0
-    for blk in model.blocks:
-        for name in ("c_attn", "c_proj", "fc", "proj"):
-            n += _swap(blk, name, lambda m: _from_linear(m, weights, group_size))
-    if not isinstance(model.lm_head, QUANT_LINEARS):
-        w = model.head_weight
-        model.lm_head = _convert(w, None, weights, group_size, w.dtype)   # the tie to wte ends here
-        model.__dict__.pop("_head_screen", None)
+    for parent, name, how in targets:
+        child = getattr(parent, name)
+        if isinstance(child, QUANT_LINEARS):
+            continue
+        if how == "head":                            # native GPT2: the head tied to wte
+            w = model.head_weight
+            if isinstance(model.lm_head, torch.nn.Parameter):
+                del model.lm_head                    # an untied head weight: becomes a module here
+            model.lm_head = _convert(w, None, weights, group_size, w.dtype)   # the tie to wte ends here
+            model.__dict__.pop("_head_screen", None)
+        elif how == "conv1d":
+            setattr(parent, name, _from_conv1d(child, weights, group_size))
+        else:
+            setattr(parent, name, _from_linear(child, weights, group_size))
         n += 1
-    return n
-
-
-def _quantize_native_bert(model, weights, group_size) -> int:
-    n = 0
-    for layer in model.layers:
-        for name in ("qkv", "proj", "fc1", "fc2"):
-            n += _swap(layer, name, lambda m: _from_linear(m, weights, group_size))
     return n
 
 
@@ -87,66 +139,55 @@ def _unfuse(model: torch.nn.Module) -> None:
             m.__class__ = orig
 
 
-def _quantize_hf(model, weights, group_size) -> int:
-    import fastlm
-
-    kind = getattr(getattr(model, "config", None), "model_type", None)
-    if getattr(model, "_fastlm_patch_state", None) is None:
-        fastlm.patch(model)
-    _unfuse(model)
-    n = 0
-    if kind == "gpt2":
-        tr = model.transformer if hasattr(model, "transformer") else model
-        for h in tr.h:
-            n += _swap(h.attn, "c_attn", lambda m: _from_conv1d(m, weights, group_size))
-            n += _swap(h.attn, "c_proj", lambda m: _from_conv1d(m, weights, group_size))
-            n += _swap(h.mlp, "c_fc", lambda m: _from_conv1d(m, weights, group_size))
-            n += _swap(h.mlp, "c_proj", lambda m: _from_conv1d(m, weights, group_size))
-        head = getattr(model, "lm_head", None)
-        if head is not None and not isinstance(head, QUANT_LINEARS):
-            model.lm_head = _from_linear(head, weights, group_size)
-            model.config.tie_word_embeddings = False    # the int8 head is its own tensor now
-            n += 1
-    else:  # bert
-        enc = model.encoder if hasattr(model, "encoder") else model.bert.encoder
-        for L in enc.layer:
-            sa = L.attention.self
-            for name in ("query", "key", "value"):
-                n += _swap(sa, name, lambda m: _from_linear(m, weights, group_size))
-            n += _swap(L.attention.output, "dense", lambda m: _from_linear(m, weights, group_size))
-            n += _swap(L.intermediate, "dense", lambda m: _from_linear(m, weights, group_size))
-            n += _swap(L.output, "dense", lambda m: _from_linear(m, weights, group_size))
-    return n
-
-
 def quantize(model: torch.nn.Module, weights: str = "int8", group_size: Optional[int] = None) -> torch.nn.Module:
     """Quantize `model`'s projections in place and return it.
 
     model: fastlm.models.GPT2, fastlm.models.Bert, or a transformers GPT-2 (GPT2LMHeadModel,
     GPT2Model) / BERT (BertModel, BertFor*) model. weights: "int8" (per-output-channel fp32 scales, or
-    per group of `group_size` inputs) or "bf16". Projections already quantized are left as they are."""
+    per group of `group_size` inputs) or "bf16". Projections already quantized the same way are left as
+    they are (quantizing twice is a no-op); other weights or another group_size raise ValueError. All
+    arguments are checked before the first projection is replaced."""
     from fastlm.models.bert import Bert
     from fastlm.models.gpt2 import GPT2
 
-    if weights not in WEIGHTS:
+    if not isinstance(weights, str) or weights not in WEIGHTS:
         raise ValueError(f"fastlm.quantize: weights must be one of {WEIGHTS}, got {weights!r}")
     if group_size is not None:
+        if not isinstance(group_size, int) or isinstance(group_size, bool):
+            raise TypeError(f"fastlm.quantize: group_size must be an int or None, got {type(group_size).__name__}")
         if weights != "int8":
             raise ValueError("fastlm.quantize: group_size applies to weights='int8' only")
-        if not isinstance(group_size, int) or group_size <= 0:
+        if group_size <= 0:
             raise ValueError(f"fastlm.quantize: group_size must be a positive int, got {group_size!r}")
+    kind = getattr(getattr(model, "config", None), "model_type", None)
     if isinstance(model, GPT2):
-        n = _quantize_native_gpt2(model, weights, group_size)
+        targets = _targets_native_gpt2(model)
     elif isinstance(model, Bert):
-        n = _quantize_native_bert(model, weights, group_size)
-    elif getattr(getattr(model, "config", None), "model_type", None) in ("gpt2", "bert") and isinstance(
-            model, torch.nn.Module):
-        n = _quantize_hf(model, weights, group_size)
+        targets = _targets_native_bert(model)
+    elif kind in ("gpt2", "bert") and isinstance(model, torch.nn.Module):
+        targets = _targets_hf(model, kind)
     else:
-        raise TypeError(f"fastlm.quantize: expected a fastlm GPT2/Bert or a transformers GPT-2/BERT model, "
+        raise TypeError(f"fastlm.quantize: model must be a fastlm GPT2/Bert or a transformers GPT-2/BERT model, "
                         f"got {type(model).__name__}")
+    _check_targets(model, targets, weights, group_size)
+    if not isinstance(model, (GPT2, Bert)):
+        import fastlm
+
+        if getattr(model, "_fastlm_patch_state", None) is None:
+            fastlm.patch(model)
+        _unfuse(model)
+        targets = _targets_hf(model, kind)          # patch may have replaced modules: collect again
+    n = _apply(model, targets, weights, group_size)
+    if n and kind == "gpt2" and not isinstance(model, GPT2) and getattr(model, "lm_head", None) is not None:
+        # the quantized head is its own tensor now: HF must not tie it back to wte. The config object is
+        # often shared (models built from one GPT2Config): this model gets its own copy first
+        old = model.config
+        new = copy.deepcopy(old)
+        new.tie_word_embeddings = False
+        for m in model.modules():
+            if getattr(m, "config", None) is old:
+                m.config = new
     model.__dict__["_fastlm_quantized"] = weights
-    del n
     return model
 
 

@@ -25,17 +25,29 @@ from fastlm import ops
 QMAX = 127
 
 
+def _check_group_size(where: str, group_size, in_features: int) -> None:
+    if group_size is None:
+        return
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"{where}: group_size must be an int or None, got {type(group_size).__name__}")
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"{where}: group_size {group_size} must be a positive divisor of in_features {in_features}")
+
+
 def quantize_int8(weight: Tensor, group_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """weight (N, K) float -> (qweight (N, K) int8, scale (N,) fp32, or (N, K // group_size) fp32 with
     group_size). Symmetric, round to nearest even: qweight = round(w / scale), scale = max|w| / 127 (a
     zero row gets scale 1 and zeros)."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_int8: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"quantize_int8: weight must be a floating tensor, got {weight.dtype}")
     w = weight.detach().float()
     N, K = w.shape
+    if w.device.type != "meta" and w.numel() and not bool(torch.isfinite(w).all()):
+        raise ValueError("quantize_int8: weight holds NaN or infinite values (no finite int8 scale)")
+    _check_group_size("quantize_int8", group_size, K)
     if group_size is not None:
-        if group_size <= 0 or K % group_size:
-            raise ValueError(f"quantize_int8: group_size {group_size} must divide in_features {K}")
         wg = w.view(N, K // group_size, group_size)
         amax = wg.abs().amax(-1)
         scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
@@ -62,8 +74,7 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: Optional[int] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if group_size is not None and (group_size <= 0 or in_features % group_size):
-            raise ValueError(f"Int8Linear: group_size {group_size} must divide in_features {in_features}")
+        _check_group_size("Int8Linear", group_size, in_features)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         sshape = (out_features,) if group_size is None else (out_features, in_features // group_size)
@@ -101,6 +112,32 @@ class Int8Linear(torch.nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this layer computes with, (out, in) in dtype."""
         return dequantize_int8(self.qweight, self.scale, dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (out, in) in fp32 (the bias's dtype when it is floating), built on
+        each access: for code that inspects a projection's `.weight` (shapes, kernel choice); the
+        forward never reads it. Not a parameter or buffer: state_dict holds qweight and scale."""
+        dt = self.bias.dtype if self.bias is not None and self.bias.dtype.is_floating_point else torch.float32
+        return self.dequantize(dt)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a float "qweight" would be cast to int8 by copy_ (or kept as float by assign=True) without a word:
+        # check the dtypes and the scale's layout first, naming the key
+        q, s = state_dict.get(prefix + "qweight"), state_dict.get(prefix + "scale")
+        if q is not None and q.dtype != torch.int8:
+            raise TypeError(f"Int8Linear.load_state_dict: {prefix}qweight must be int8 (a quantized weight), got "
+                            f"{q.dtype}; quantize the source model (fastlm.quantize) before saving it")
+        if s is not None:
+            if s.dtype != torch.float32:
+                raise TypeError(f"Int8Linear.load_state_dict: {prefix}scale must be float32, got {s.dtype}")
+            if tuple(s.shape) != tuple(self.scale.shape):
+                raise ValueError(f"Int8Linear.load_state_dict: {prefix}scale has shape {tuple(s.shape)}, this layer "
+                                 f"expects {tuple(self.scale.shape)} (group_size={self.group_size}): quantize the "
+                                 f"model with the group_size the weights were saved with")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() cast floating buffers: the fp32 scale must stay fp32 (it only moves)
