@@ -32,5 +32,15 @@ def quantize(model, weights: str = "int8", group_size=None):
     return _quantize(model, weights=weights, group_size=group_size)
 
 
+def __getattr__(name: str):
+    # fastlm.Engine, fastlm.SamplingParams: imported on first use (import fastlm stays cheap)
+    if name in ("Engine", "SamplingParams"):
+        from fastlm import serving
+
+        return getattr(serving, name)
+    raise AttributeError(f"module 'fastlm' has no attribute {name!r}")
+
+
 __all__ = ["ops", "nn", "models", "patch", "unpatch", "generate", "available_backends", "use_backend",
-           "BackendUnavailableError", "FallbackWarning", "quantize", "__version__"]
+           "BackendUnavailableError", "FallbackWarning", "quantize", "Engine", "SamplingParams",
+           "__version__"]
