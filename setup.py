@@ -94,7 +94,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.models", "fastlm.integrations", "fastlm.bench",
+    packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.models", "fastlm.integrations", "fastlm.bench", "fastlm.serving",
               "fastlm.kernels"],
     package_dir={"fastlm.kernels": "kernels"},
     ext_modules=ext_modules,

