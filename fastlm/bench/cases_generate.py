@@ -6,7 +6,9 @@ few-row linear, for GPT-2 small / medium shapes with random weights.
   Contenders: "hf eager" (baseline), "hf sdpa", "hf static+compile" (CUDA only: its static cache
   and torch.compile'd forward), "fastlm:auto" (fastlm.generate on the native GPT-2 of the same weights,
   the default backend choice; `--weights` int8/bf16 quantizes it).
-  Parity: the number of tokens that differ from "hf sdpa" (0 expected).
+  Peers (fastlm/bench/peers.py, where installed: `pip install fastlm[peers]`): "ctranslate2 fp32" and
+  "ctranslate2 int8" on the same weights (CPU). Parity: the number of tokens that differ from "hf sdpa"
+  (0 expected in fp32; int8 rows differ where the quantized logits pick another token).
 - "gpt2 prefill bB pP" / "gpt2 decode step bB ctxP": the two phases alone (HF: forward with a cache;
   fastlm: GPT2.prefill / GPT2.decode_step under "auto", and with every op forced to "torch" where
   fastlm has that backend); tokens/s.
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import ops
+from fastlm.bench import peers
 from fastlm.bench.common import AUTO, apply_weights, bench_backends, max_err
 from fastlm.bench.registry import Bound, Case, register
 from fastlm.ops import reference
@@ -82,6 +85,7 @@ def _make_generate(size, B, P, N):
         if device.type == "cuda":
             impls["hf static+compile"] = hf(sdpa, cache_implementation="static", compile_config=None)
         impls[AUTO] = lambda: fastlm.generate(native, ids, max_new_tokens=N)
+        impls.update(peers.generate_contenders(eager, ids, N))
 
         def check():
             ref = impls["hf sdpa"]()

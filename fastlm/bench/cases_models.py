@@ -9,6 +9,8 @@ backward, no optimizer), per (batch, seq). Contenders, all sharing one set of we
 - "fastlm:reference (patched)", "fastlm:reference (native)": the same with every fastlm op on its reference
 - "fastlm:torch (patched)", "fastlm:torch (native)": every op forced to fastlm's "torch" backend (torch's
   own ops behind fastlm's dispatch: the integration's cost without fastlm's kernels), where it exists
+- "ctranslate2 fp32" / "ctranslate2 int8" (GPT-2: logits of every position; BERT: the encoder) and
+  "onnxruntime fp32" (BERT), inference on CPU, where installed (fastlm/bench/peers.py, fastlm[peers])
 `--weights int8|bf16` quantizes the fastlm models of the inference cases (fastlm.quantize).
 
 Each case checks parity first: the max |difference| of the output (inference: the last hidden state /
@@ -23,6 +25,7 @@ import warnings
 
 import torch
 
+from fastlm.bench import peers
 from fastlm.bench.common import apply_weights
 from fastlm.bench.registry import Bound, Case, register
 
@@ -148,6 +151,10 @@ def _make(arch: str, B: int, S: int, train: bool):
             return fn
 
         impls = {k: (step(k) if train else infer(k, k == NATIVE)) for k in builders}
+        if not train:                                    # peer engines on the same weights (CPU, installed)
+            src = build_eager()
+            impls.update(peers.bert_contenders(src, ids, mask) if arch == "bert" else
+                         peers.logits_contenders(src, ids))
         # the same fastlm models with every op forced onto the reference (and torch) backend: separates
         # the integration (patch / native model) from the speed of the op backends "auto" picks
         forced = ["reference"] + (["torch"] if "torch" in fastlm.available_backends("linear", device.type) else [])
