@@ -74,7 +74,11 @@ def rows_for_table(run: dict):
             err = case["errors"].get(label)
             p = picked(case, label)
             shown = f"{label} -> {p}" if p else label
-            yield case["name"], shown, _fmt(r), "" if err is None else f"{err:.1e}"
+            f = _fmt(r)
+            note = case.get("params", {}).get("latency", {}).get(label, {}).get("summary")   # suite "serve"
+            if note and "error" not in r:
+                f["rate"] += f" ({note})"
+            yield case["name"], shown, f, "" if err is None else f"{err:.1e}"
 
 
 def print_table(run: dict, console=None) -> None:
