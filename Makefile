@@ -7,7 +7,7 @@ BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.deps-stamp
 BUILT     := $(VENV)/.build-stamp
 TORCH_PIN ?= torch==2.14.1 triton==3.8.0
-DEPS      := numpy ninja pytest pytest-benchmark transformers==5.18.0 rich matplotlib fastapi uvicorn openai httpx ctranslate2 onnxruntime onnx
+DEPS      := numpy ninja pytest pytest-benchmark transformers==5.18.0 rich matplotlib fastapi uvicorn openai httpx ctranslate2 onnxruntime onnx prometheus_client
 
 export CUDA_HOME            ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
