@@ -151,6 +151,9 @@ def _ln_args(op: str, input, normalized_shape: _Shape, weight, bias) -> tuple[in
     _checks.tensor(op, "input", input)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
+    if (len(normalized_shape) == 1 and input.dim() > 0 and normalized_shape[0] == input.shape[-1]
+            and _plain_vector(weight, input) and _plain_vector(bias, input)):
+        return input.shape[-1], weight, bias      # the common call: 1-D weight and bias of the last dim
     try:
         normalized_shape = tuple(int(s) for s in normalized_shape)
     except TypeError:
@@ -173,6 +176,12 @@ def _ln_args(op: str, input, normalized_shape: _Shape, weight, bias) -> tuple[in
         _checks.same_device(op, name, p, input)
         flat.append(p.reshape(n) if p.is_contiguous() else p.contiguous().reshape(n))
     return n, flat[0], flat[1]
+
+
+def _plain_vector(p, input: Tensor) -> bool:
+    """p is None, or a 1-D tensor of input's last dim on input's device (checks pass as they are)."""
+    return p is None or (isinstance(p, Tensor) and p.dim() == 1 and p.shape[0] == input.shape[-1]
+                         and p.is_floating_point() and p.device == input.device)
 
 
 def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
