@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional
 
 WEIGHTS = ("fp32", "bf16", "int8")
 

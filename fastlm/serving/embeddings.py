@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -196,7 +195,3 @@ class EmbeddingBatcher:
             for i, (_, fut) in enumerate(batch):
                 if not fut.done():
                     fut.set_result(out[i])
-
-
-def _now() -> float:
-    return time.monotonic()

@@ -414,7 +414,8 @@ def _sse_response(events, run: _Run):
             finally:
                 run.close()
 
-    return _SSE(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _SSE(events, media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _sse(obj) -> str:
@@ -600,7 +601,8 @@ def create_app(state: ServerState):
             if isinstance(content, list):
                 parts = []
                 for part in content:
-                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    if (not isinstance(part, dict) or part.get("type") != "text"
+                            or not isinstance(part.get("text"), str)):
                         raise bad_request(f"messages[{k}].content: only text parts are supported", "messages",
                                           "invalid_type")
                     parts.append(part["text"])
