@@ -24,7 +24,7 @@ AVX2_TESTS := tests/test_linear.py tests/test_layer_norm.py tests/test_gelu_ffn.
 .PHONY: test bench gpu-check build venv clean
 
 venv: $(STAMP)
-$(STAMP):
+$(STAMP): Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN) $(DEPS)
