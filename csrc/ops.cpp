@@ -82,6 +82,11 @@ TORCH_LIBRARY(fastlm_C, m) {
   m.def("linear_int8_fwd(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   // The dequantized weight qweight * scale as fp32 (N, K) (the many-row path's GEMM operand).
   m.def("linear_int8_dequant(Tensor qweight, Tensor scale) -> Tensor");
+  // weight (N, K) fp32 -> (qweight int8, scale fp32 (N,) | (N, K / group_size)): fastlm.quantize's int8
+  // weights (group_size 0: per channel; search: the scale of least squared error among clipped ranges).
+  m.def("linear_int8_quantize(Tensor weight, int group_size, bool search) -> (Tensor, Tensor)");
+  // y = x @ weight^T + bias with a bf16 weight widened to fp32 in registers, x fp32/fp16/bf16 -> x's dtype.
+  m.def("linear_w16_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // ---- end [linear_int8] ----
   // ---- [serving] paged KV cache (csrc/cpu/paged_attention.cpp, csrc/cpu/linear_rowwise.cpp) ----
   // Attention over a block-paged cache: q (T, H, D); caches (num_blocks, Hkv, block_size, D);

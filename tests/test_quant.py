@@ -81,14 +81,32 @@ def _int8_layers(model):
 # ---------------------------------------------------------------- quantize / dequantize
 
 
-@pytest.mark.parametrize("group_size", [None, 16])
-def test_quantize_dequantize_round_trip(group_size):
+def _roundtrip_weight():
     g = torch.Generator().manual_seed(0)
     N, K = 37, 64
     w = torch.randn(N, K, generator=g) * torch.logspace(-3, 1, N)[:, None]   # rows of very different range
     w[5] = 0.0                                                                # a zero row
     w[7, 3] = 40.0                                                            # an outlier
-    q, s = quantize_int8(w, group_size)
+    return w
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def quant_impl(request, monkeypatch):
+    """quantize_int8 through the C++ kernel (linear_int8_quantize) or the PyTorch fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(quant_linear._ext, "has_kernel", lambda op, key: False)
+    elif not quant_linear._ext.has_kernel("linear_int8_quantize", "CPU"):
+        pytest.skip("the C++ extension has no linear_int8_quantize")
+    return request.param
+
+
+@pytest.mark.parametrize("search", [False, True])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_quantize_dequantize_round_trip(group_size, search, quant_impl):
+    w = _roundtrip_weight()
+    N, K = w.shape
+    L = K if group_size is None else group_size
+    q, s = quantize_int8(w, group_size, search=search)
     assert q.dtype == torch.int8 and s.dtype == torch.float32
     assert q.shape == (N, K)
     assert s.shape == ((N,) if group_size is None else (N, K // group_size))
@@ -96,17 +114,49 @@ def test_quantize_dequantize_round_trip(group_size):
     deq = dequantize_int8(q, s)
     s_full = s[:, None].expand(N, K) if group_size is None else s.repeat_interleave(group_size, dim=1)
     err = (deq - w).abs()
-    print(f"group_size={group_size}: max err {err.max():.3e}, max err / scale {(err / s_full).max():.4f}")
-    assert bool((err <= s_full / 2 * (1 + 1e-6) + 1e-12).all()), "an element is more than scale/2 off"
-    # the largest |w| of each channel (group) maps to +-127 exactly
-    blocks = q.view(N, -1, K if group_size is None else group_size).abs().amax(-1)
-    nonzero = s_full.reshape(N, -1, K if group_size is None else group_size)[..., 0] != 1.0
-    assert bool((blocks[nonzero] == 127).all())
+    print(f"{quant_impl} group_size={group_size} search={search}: max err {err.max():.3e}, "
+          f"max err / scale {(err / s_full).max():.4f}")
+    # every element inside the (clipped) range is within scale/2; beyond it, clamped to +-127
+    inside = w.abs() <= 127 * s_full
+    assert bool((err[inside] <= s_full[inside] / 2 * (1 + 1e-6) + 1e-12).all()), "an element is > scale/2 off"
+    assert bool((q[~inside].abs() == 127).all())
+    amax = w.view(N, -1, L).abs().amax(-1)
+    clip = (s.view(N, -1) * 127 / amax.clamp_min(1e-30))[amax > 0]
+    if not search:   # absmax: the largest |w| of each channel (group) maps to +-127, nothing is clipped
+        assert bool(inside.all()) and torch.allclose(clip, torch.ones_like(clip), rtol=1e-6)
+    else:            # the searched clip is in [0.3, 1] and its squared error no larger than absmax's
+        assert bool((clip >= 0.3 - 1e-6).all()) and bool((clip <= 1 + 1e-6).all())
+        q0, s0 = quantize_int8(w, group_size, search=False)
+        e0 = (dequantize_int8(q0, s0) - w).square().view(N, -1, L).sum(-1)
+        e1 = (deq - w).square().view(N, -1, L).sum(-1)
+        assert bool((e1 <= e0 * (1 + 1e-5) + 1e-20).all())
     assert bool((q[5] == 0).all()) and bool((deq[5] == 0).all())
     # a second round trip is exact (the dequantized weights are on the int8 grid)
-    q2, s2 = quantize_int8(deq, group_size)
+    q2, s2 = quantize_int8(deq, group_size, search=search)
     assert torch.equal(q2, q)
     assert torch.allclose(s2, s, rtol=1e-6, atol=0)
+
+
+def test_quantize_cpp_matches_torch(monkeypatch):
+    """The C++ quantizer and the PyTorch fallback: the same clip search, so the same grid up to the
+    summation order of the squared errors (a near-tie may pick a neighbouring clip: compare errors)."""
+    if not quant_linear._ext.has_kernel("linear_int8_quantize", "CPU"):
+        pytest.skip("the C++ extension has no linear_int8_quantize")
+    w = torch.randn(300, 768, generator=torch.Generator().manual_seed(3))
+    for gs in (None, 32):
+        qc, sc = quantize_int8(w, gs)
+        with monkeypatch.context() as m:
+            m.setattr(quant_linear._ext, "has_kernel", lambda op, key: False)
+            qt, st = quantize_int8(w, gs)
+        same = (sc == st).float().mean().item()
+        ec = (dequantize_int8(qc, sc) - w).square().sum().item()
+        et = (dequantize_int8(qt, st) - w).square().sum().item()
+        print(f"group_size={gs}: equal scales {same:.3f}, squared error cpp {ec:.6g} torch {et:.6g}")
+        assert same > 0.95 and abs(ec - et) <= 1e-4 * et
+        q0, s0 = quantize_int8(w, gs, search=False)
+        e0 = (dequantize_int8(q0, s0) - w).square().sum().item()
+        print(f"  absmax squared error {e0:.6g}")
+        assert ec <= e0 and (gs is not None or ec < 0.995 * e0)   # 768 Gaussian inputs a channel: clipping pays
 
 
 def test_int8linear_module():
@@ -489,3 +539,38 @@ def test_bad_inputs_quant_linear():
         copy.deepcopy(m).load_state_dict(dict(sd, scale=sd["scale"][:5]))
     with pytest.raises(ValueError, match="group_size"):                 # saved per group, loaded per channel
         copy.deepcopy(m).load_state_dict(Int8Linear.from_weight(torch.randn(6, 32), torch.randn(6), 16).state_dict())
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 16, 17, 40])
+@pytest.mark.parametrize("K,N", [(1, 3), (37, 19), (768, 2304 // 8 + 1), (131, 65)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_bf16w_cpu(M, K, N, dtype):
+    """ops.linear_bf16w (weights="bf16" with fp32/bf16 activations): the C++ kernel (bf16 widened in
+    registers, fp32 accumulation) == F.linear on the widened weight, few and many rows, odd K and N."""
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    b = torch.randn(N, generator=g).to(dtype)
+    with torch.inference_mode():
+        y = ops.linear_bf16w(x, w, b)
+        yn = ops.linear_bf16w(x, w)
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert y.dtype == dtype and y.shape == (M, N)
+    err = (y.double() - ref).abs().max().item()
+    tol = 1e-4 * (K ** 0.5) if dtype == torch.float32 else 3e-2 * max(1.0, ref.abs().max().item())
+    print(f"M={M} K={K} N={N} {dtype}: max err {err:.3g}")
+    assert err <= tol
+    assert (yn.double() - (ref - b.double())).abs().max().item() <= tol
+    x3 = x.view(1, M, K)                                  # leading dims
+    assert ops.linear_bf16w(x3, w, b).shape == (1, M, N)
+
+
+def test_linear_bf16w_grad_and_errors():
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(5, 8).to(torch.bfloat16)
+    ops.linear_bf16w(x, w).sum().backward()             # autograd: F.linear on the widened weight
+    assert torch.allclose(x.grad, w.float().sum(0).expand(3, 8))
+    with pytest.raises(TypeError, match="bfloat16"):
+        ops.linear_bf16w(x, w.float())
+    with pytest.raises(ValueError, match="in_features"):
+        ops.linear_bf16w(torch.randn(3, 7), w)

@@ -22,10 +22,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/ones.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -49,8 +52,8 @@ struct Groups {
 
 // ---------------------------------------------------------------- portable scalar tile
 // out[m][r] = sum_k w[r][k] * x[m][k] over k in [0, K), fp32.
-template <int MR, int NR>
-inline void tile_scalar(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
+template <int MR, int NR, typename WT>
+inline void tile_scalar(const WT* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) {
       float s = 0.f;
@@ -65,6 +68,11 @@ inline __m256 load_w8(const int8_t* p) {  // 8 int8 -> 8 fp32 (exact)
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+inline __m256 load_w8(const at::BFloat16* p) {  // 8 bf16 -> 8 fp32 (exact: the high half of fp32)
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
 inline float hsum256(__m256 t) {
   __m128 lo = _mm256_castps256_ps128(t), hi = _mm256_extractf128_ps(t, 1);
   lo = _mm_add_ps(lo, hi);
@@ -74,8 +82,8 @@ inline float hsum256(__m256 t) {
 }
 
 // MR input rows x NR weight rows, U k-steps unrolled: MR * NR * U accumulators (<= 8 of 16 ymm).
-template <int MR, int NR, int U>
-inline void tile_avx2(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
+template <int MR, int NR, int U, typename WT>
+inline void tile_avx2(const WT* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
   __m256 acc[MR][NR][U];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -131,12 +139,19 @@ FASTLM_I8_TARGET inline __m512 load_w16(const int8_t* p) {  // 16 int8 -> 16 fp3
 FASTLM_I8_TARGET inline __m512 load_w16(const int8_t* p, __mmask16 msk) {  // the lanes of msk only
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(msk, p)));
 }
+FASTLM_I8_TARGET inline __m512 load_w16(const at::BFloat16* p) {  // 16 bf16 -> 16 fp32 (exact)
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+FASTLM_I8_TARGET inline __m512 load_w16(const at::BFloat16* p, __mmask16 msk) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(msk, p)), 16));
+}
 
 // MR input rows x NR weight rows, U k-steps unrolled: MR * NR * U <= 16 accumulators plus NR * U
 // widened weight vectors (< 32 zmm). The next tile's weight rows (contiguous after this one's) are
 // prefetched a line per row and step, so their DRAM latency hides behind this tile's FMAs.
-template <int MR, int NR, int U>
-FASTLM_I8_TARGET inline void tile_avx512(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t K,
+template <int MR, int NR, int U, typename WT>
+FASTLM_I8_TARGET inline void tile_avx512(const WT* w, int64_t ldw, const float* x, int64_t ldx, int64_t K,
                                          float* out) {
   __m512 acc[MR][NR][U];
 #pragma GCC unroll 8
@@ -152,7 +167,7 @@ FASTLM_I8_TARGET inline void tile_avx512(const int8_t* w, int64_t ldw, const flo
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) wv[r][u] = load_w16(w + r * ldw + k + 16 * u);
-    if ((k & 63) == 0) {
+    if (((k * int64_t(sizeof(WT))) & 63) == 0) {  // a line (64 bytes) per row and step
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + k), _MM_HINT_T0);
@@ -208,8 +223,8 @@ Isa pick_isa() {
 
 // One (MR x nr) block of outputs for weight rows [n, n + nr) and input rows [m, m + MR): the dot of
 // every group, times its scale, summed in fp32; then the bias.
-template <Isa I, int MR, int NR, int U>
-inline void tile_dispatch(const int8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
+template <Isa I, int MR, int NR, int U, typename WT>
+inline void tile_dispatch(const WT* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out) {
 #if defined(__x86_64__) || defined(_M_X64)
   if constexpr (I == Isa::kAvx512) return tile_avx512<MR, NR, U>(w, ldw, x, ldx, K, out);
 #endif
@@ -219,8 +234,8 @@ inline void tile_dispatch(const int8_t* w, int64_t ldw, const float* x, int64_t 
   tile_scalar<MR, NR>(w, ldw, x, ldx, K, out);
 }
 
-template <Isa I, int MR, int NR, int U>
-inline void block_rows(const int8_t* wn, int64_t K, const float* xm, const float* sc /* scale + n * G */,
+template <Isa I, int MR, int NR, int U, typename WT>
+inline void block_rows(const WT* wn, int64_t K, const float* xm, const float* sc /* scale + n * G */,
                        Groups g, float* acc /* [MR][NR] */) {
   float part[MR * NR];
   for (int i = 0; i < MR * NR; ++i) acc[i] = 0.f;
@@ -233,8 +248,8 @@ inline void block_rows(const int8_t* wn, int64_t K, const float* xm, const float
 
 // Weight rows [n0, n1) of y for all M (<= 16) rows: tiles of NR weight rows (then single rows at the
 // end), the input rows in blocks of 4/2/1 against each tile.
-template <Isa I, int NR, typename T>
-void rows_range(const int8_t* w, const float* scale, Groups g, const float* x, int64_t M, int64_t K, int64_t N,
+template <Isa I, int NR, typename T, typename WT>
+void rows_range(const WT* w, const float* scale, Groups g, const float* x, int64_t M, int64_t K, int64_t N,
                 const float* bias, T* y, int64_t n0, int64_t n1) {
   auto emit = [&](const float* acc, int64_t m, int mr, int64_t n, int nr) {
     for (int i = 0; i < mr; ++i)
@@ -242,7 +257,7 @@ void rows_range(const int8_t* w, const float* scale, Groups g, const float* x, i
   };
   auto tile = [&](auto nr_tag, int64_t n) {
     constexpr int nr = decltype(nr_tag)::value;
-    const int8_t* wn = w + n * K;
+    const WT* wn = w + n * K;
     const float* sc = scale + n * g.G;
     float acc[4 * nr];
     int64_t m = 0;
@@ -265,17 +280,18 @@ void rows_range(const int8_t* w, const float* scale, Groups g, const float* x, i
   for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
 }
 
-template <Isa I, int NR, typename T>
-void few_rows_isa(const int8_t* w, const float* scale, Groups g, const float* x, int64_t M, int64_t K, int64_t N,
+template <Isa I, int NR, typename T, typename WT>
+void few_rows_isa(const WT* w, const float* scale, Groups g, const float* x, int64_t M, int64_t K, int64_t N,
                   const float* bias, T* y) {
   const int64_t tiles = (N + NR - 1) / NR;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(NR * K, 1));  // >= 64 KB
   parallel_range(0, tiles, grain, [&](int64_t b, int64_t e) {
-    rows_range<I, NR, T>(w, scale, g, x, M, K, N, bias, y, b * NR, std::min(N, e * NR));
+    rows_range<I, NR, T, WT>(w, scale, g, x, M, K, N, bias, y, b * NR, std::min(N, e * NR));
   });
 }
 
-template <typename T>
+// WT: int8_t (qweight, scale per channel / group) or at::BFloat16 (weight, scale all ones: exact).
+template <typename T, typename WT>
 void linear_int8_few_rows(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, Groups g,
                           const at::Tensor* bias, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
@@ -283,16 +299,16 @@ void linear_int8_few_rows(const at::Tensor& x, const at::Tensor& qw, const at::T
   const T* xp = x.data_ptr<T>();
   for (int64_t m = 0; m < M; ++m) row_to_float(xp + m * x.stride(0), xf.data() + m * K, K);
   if (bias) row_to_float(bias->data_ptr<T>(), bf.data(), N);
-  const int8_t* wp = qw.data_ptr<int8_t>();
+  const WT* wp = static_cast<const WT*>(qw.data_ptr());
   const float* sp = scale.data_ptr<float>();
   T* yp = y.data_ptr<T>();
   switch (pick_isa()) {
     case Isa::kAvx512:
-      return few_rows_isa<Isa::kAvx512, 4, T>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
+      return few_rows_isa<Isa::kAvx512, 4, T, WT>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
     case Isa::kAvx2:
-      return few_rows_isa<Isa::kAvx2, 2, T>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
+      return few_rows_isa<Isa::kAvx2, 2, T, WT>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
     default:
-      return few_rows_isa<Isa::kScalar, 2, T>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
+      return few_rows_isa<Isa::kScalar, 2, T, WT>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp);
   }
 }
 
@@ -362,8 +378,104 @@ at::Tensor linear_int8_fwd_cpu(const at::Tensor& x, const at::Tensor& qweight, c
     return y;
   }
   FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), kOp,
-                              [&] { linear_int8_few_rows<scalar_t>(x, qweight, scale, g, b, y); });
+                              [&] { linear_int8_few_rows<scalar_t, int8_t>(x, qweight, scale, g, b, y); });
   return y;
+}
+
+// y = x @ weight^T + bias with a bf16 weight and x in fp32/fp16/bf16 (weight-only bf16: the weight
+// widened to fp32 in registers, exact; fp32 accumulation), y in x's dtype. Few rows: the int8 kernel's
+// tiles on bf16 loads (2 bytes a weight); many rows: the weight widened once, then at::linear in fp32.
+at::Tensor linear_w16_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "linear_w16_fwd";
+  check_rows(x, op, "input");
+  FASTLM_CHECK(weight.defined() && weight.dim() == 2, op, "weight must be 2-D (out_features, in_features)");
+  FASTLM_CHECK(weight.scalar_type() == at::kBFloat16, op, "weight must be bfloat16, got ", weight.scalar_type());
+  FASTLM_CHECK(weight.is_contiguous(), op, "weight must be contiguous");
+  FASTLM_CHECK(weight.device() == x.device(), op, "weight is on ", weight.device(), ", input on ", x.device());
+  FASTLM_CHECK(weight.size(1) == x.size(1), op, "weight has ", weight.size(1), " input features, input has ",
+               x.size(1));
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  check_vector(bias, N, x, op, "bias");
+  const at::Tensor* b = opt_ptr(bias);
+  if (M > kFewRows || K == 0) {
+    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    const std::optional<at::Tensor> bf = b ? std::optional<at::Tensor>(b->to(at::kFloat)) : std::nullopt;
+    at::Tensor y = at::linear(xf, weight.to(at::kFloat), bf);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  at::Tensor y = new_output({M, N}, x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor ones = at::ones({N}, x.options().dtype(at::kFloat));
+  FASTLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
+    linear_int8_few_rows<scalar_t, at::BFloat16>(x, weight, ones, Groups{1, K}, b, y);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------- quantize (fastlm.quantize)
+// Round to nearest even, as torch.round: the fp32 magic-number trick (|v| < 2^22 here).
+inline float round_even(float v) { return (v + 12582912.f) - 12582912.f; }
+
+// Squared error of quantizing row[0, L) with scale s: sum (clamp(round(w / s), -127, 127) * s - w)^2.
+inline float quant_error(const float* row, int64_t L, float s) {
+  float e = 0.f;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < L; ++i) {
+    const float q = std::min(127.f, std::max(-127.f, round_even(row[i] / s)));
+    const float d = q * s - row[i];
+    e += d * d;
+  }
+  return e;
+}
+
+// weight (N, K) fp32 -> (qweight (N, K) int8, scale (N,) or (N, K / group) fp32): symmetric,
+// round to nearest even. search: each row's (group's) scale is clip * max|w| / 127 with the clip of
+// least squared error among 0.50, 0.55, ..., 1.00 and then the best +- 0.01 .. 0.04 (within [0.3, 1]);
+// else clip = 1. A zero row (group): scale 1, zeros. fastlm/nn/quant_linear.py holds the same math in
+// PyTorch (the fallback without the extension).
+std::tuple<at::Tensor, at::Tensor> linear_int8_quantize_cpu(const at::Tensor& weight, int64_t group_size,
+                                                            bool search) {
+  constexpr const char* op = "linear_int8_quantize";
+  FASTLM_CHECK(weight.defined() && weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
+               op, "weight must be a contiguous 2-D float32 tensor");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  FASTLM_CHECK(group_size >= 0 && (group_size == 0 || (K % group_size == 0)), op, "group_size ", group_size,
+               " must be 0 (per channel) or divide in_features ", K);
+  const int64_t L = group_size ? group_size : K, G = group_size ? K / group_size : 1;
+  at::Tensor q = at::empty({N, K}, weight.options().dtype(at::kChar));
+  at::Tensor scale = group_size ? at::empty({N, G}, weight.options()) : at::empty({N}, weight.options());
+  const float* wp = weight.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const int64_t rows = N * G;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* row = wp + r * L;
+      float amax = 0.f;
+      for (int64_t i = 0; i < L; ++i) amax = std::max(amax, std::abs(row[i]));
+      float s = 1.f;
+      if (amax > 0.f) {
+        float best_clip = 1.f;
+        if (search) {
+          float best_err = quant_error(row, L, amax * 1.f / 127.f);
+          auto consider = [&](float clip) {
+            const float err = quant_error(row, L, amax * clip / 127.f);
+            if (err < best_err) best_err = err, best_clip = clip;
+          };
+          for (int c = 10; c < 20; ++c) consider(0.5f + 0.05f * float(c - 10));
+          const float coarse = best_clip;
+          for (int f = -4; f <= 4; ++f)
+            if (f != 0) consider(std::min(1.f, std::max(0.3f, coarse + 0.01f * float(f))));
+        }
+        s = amax * best_clip / 127.f;
+      }
+      sp[r] = s;
+      int8_t* qr = qp + r * L;
+      for (int64_t i = 0; i < L; ++i)
+        qr[i] = static_cast<int8_t>(amax > 0.f ? std::min(127.f, std::max(-127.f, round_even(row[i] / s))) : 0.f);
+    }
+  });
+  return {q, scale};
 }
 
 }  // namespace
@@ -371,6 +483,8 @@ at::Tensor linear_int8_fwd_cpu(const at::Tensor& x, const at::Tensor& qweight, c
 TORCH_LIBRARY_IMPL(fastlm_C, CPU, m) {
   m.impl("linear_int8_fwd", &linear_int8_fwd_cpu);
   m.impl("linear_int8_dequant", &linear_int8_dequant_cpu);
+  m.impl("linear_w16_fwd", &linear_w16_fwd_cpu);
+  m.impl("linear_int8_quantize", &linear_int8_quantize_cpu);
 }
 
 }  // namespace fastlm::cpu

@@ -16,6 +16,6 @@ from fastlm.ops.linear_argmax import LinearArgmaxScreen, linear_argmax, linear_t
 __all__ = ["layer_norm", "add_layer_norm", "linear_gelu", "gelu_ffn"]
 __all__ += ["scaled_dot_product_attention"]
 __all__ += ["decode_attention", "linear", "linear_argmax", "linear_topk_logits", "LinearArgmaxScreen"]
-from fastlm.ops.linear_int8 import linear_int8  # noqa: E402  (weight-only int8; fastlm.quant)
+from fastlm.ops.linear_int8 import linear_bf16w, linear_int8  # noqa: E402  (weight-only int8 / bf16; fastlm.quant)
 
-__all__ += ["linear_int8"]
+__all__ += ["linear_int8", "linear_bf16w"]

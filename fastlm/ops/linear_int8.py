@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastlm import backends
+from fastlm import _ext, backends
 from fastlm.ops import _checks
 from fastlm.ops._impl import eager_inference
 
@@ -192,3 +192,26 @@ def linear_int8(input: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Te
     else:
         y = linear_int8_fwd(x2, q, s, b)
     return y.view(*input.shape[:-1], N)
+
+
+def linear_bf16w(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y = F.linear(input, weight.to(input.dtype), bias) for a bf16 weight and an fp32/fp16 input
+    (weight-only bf16, fastlm.quantize(weights="bf16")): on CPU in eager inference the C++ kernel
+    (csrc/cpu/linear_int8.cpp linear_w16_fwd: the weight widened to fp32 in registers, exact; fp32
+    accumulation; few rows read 2 bytes a weight), else F.linear on the widened weight (autograd,
+    torch.compile, other devices). Not a measured-auto op: one kernel, and torch's path for the rest."""
+    op = "linear_bf16w"
+    _checks.tensor(op, "input", input)
+    if not isinstance(weight, Tensor) or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        raise TypeError(f"fastlm.ops.{op}: weight must be a 2-D bfloat16 tensor")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fastlm.ops.{op}: input's last dim must be weight's in_features {weight.shape[1]}, "
+                         f"got {tuple(input.shape)}")
+    K, N = weight.shape[1], weight.shape[0]
+    if (input.device.type == "cpu" and weight.device.type == "cpu" and input.dtype in _KERNEL_DTYPES
+            and (bias is None or bias.dtype == input.dtype) and weight.is_contiguous()
+            and not torch.compiler.is_compiling() and eager_inference(input, bias)
+            and _ext.has_kernel("linear_w16_fwd", "CPU")):
+        x2 = _checks.rows(input, K)
+        return torch.ops.fastlm_C.linear_w16_fwd(x2, weight, bias).view(*input.shape[:-1], N)
+    return F.linear(input, weight.to(input.dtype), bias)
