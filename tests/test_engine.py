@@ -82,6 +82,7 @@ def test_batch_invariance_matches_generate(model):
 
 def _logits_by_request(eng, monkeypatch):
     """Record the logits row each sequence sampled from: {(request_id, index): [row, ...]}."""
+    eng.runner.use_head_screen = False                     # greedy rows through their full logits too
     seen = {}
     real = _SAMPLE_ROWS
 
@@ -111,6 +112,13 @@ def test_logits_bit_identical_alone_and_batched(model, monkeypatch):
     assert len(a) == len(b) == 12
     for k, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, y), f"step {k}: max diff {(x - y).abs().max().item()}"
+
+
+def test_greedy_screen_matches_logits_argmax(model):
+    """The greedy pick through the head's int8 screen == argmax of the full logits, row for row."""
+    eng = Engine(model)
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(0)) * 3
+    assert eng.runner.greedy(x) == eng.runner.logits(x).argmax(-1).tolist()
 
 
 def test_chunked_prefill(model):
@@ -239,6 +247,28 @@ def test_n_shares_prompt_blocks(model):
     _no_blocks_in_use(eng)
 
 
+def test_n2_fork_without_a_free_block(model):
+    """The prompt fills the pool: sequence 1 cannot get a block for its copy of the partial last block, so
+    it waits and prefills on its own (its full prompt blocks from the prefix cache) once sequence 0 is done;
+    it draws what a request seeded seed + 1 draws alone."""
+    per_block = 2 * 2 * 4 * 16 * 16 * 4
+    p = _prompts(1, 56, 56, seed=17)[0]                    # 3 full blocks + a partial one: the whole pool
+    eng = Engine(model, kv_cache_mb=4 * per_block / 2**20)
+    rid = eng.add_request(p, SamplingParams(max_tokens=8, temperature=1.0, seed=40, n=2))
+    first = eng.step()
+    assert [(o.index, len(o.new_token_ids)) for o in first] == [(0, 1)]
+    assert eng.stats()["num_running"] == 1 and eng.stats()["num_waiting"] == 1
+    toks, reasons = _run_all(eng)
+    toks[(rid, 0)] = first[0].new_token_ids + toks[(rid, 0)]
+    assert reasons[(rid, 0)] == reasons[(rid, 1)] == "length"
+    assert eng.stats()["prefix_cache_hits"] >= 3
+    _no_blocks_in_use(eng)
+    for i in range(2):
+        alone = Engine(model)
+        r = alone.add_request(p, SamplingParams(max_tokens=8, temperature=1.0, seed=40 + i))
+        assert _run_all(alone)[0][(r, 0)] == toks[(rid, i)]
+
+
 def test_finish_reasons(model):
     p = _prompts(1, 10, 10, seed=14)[0]
     greedy = _reference(model, p, 12)
@@ -306,6 +336,8 @@ def test_bad_requests_pool_and_duplicate(model):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="n must be"):
         SamplingParams(n=5)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Engine(model, max_num_seqs=2).add_request([1], SamplingParams(n=3))
     _run_all(eng)
     eng.add_request([1, 2], request_id="x")                 # finished ids can be reused
 

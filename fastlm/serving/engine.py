@@ -13,7 +13,7 @@ Interface (the HTTP server is written against it):
                        request_id: str | None = None) -> str
         ValueError (naming the problem): empty prompt, non-int ids, ids outside [0, vocab),
         len(prompt) + max_tokens > max_model_len, a duplicate request_id, a prompt that can never fit
-        the KV pool, stop strings without `decode`. RuntimeError("... shutting down") after drain().
+        the KV pool, n > max_num_seqs, stop strings without `decode`. RuntimeError("... shutting down") after drain().
         Thread-safe: queued under a lock, applied at the start of the next step().
     engine.step() -> list[RequestOutput]
         One iteration: RequestOutput(request_id, index, new_token_ids, finished, finish_reason
@@ -32,7 +32,8 @@ Interface (the HTTP server is written against it):
         num_running, num_waiting, num_preempted_total, kv_blocks_total, kv_blocks_used, kv_blocks_free,
         prefix_cache_queries, prefix_cache_hits (full blocks looked up / found), prompt_tokens_total,
         generation_tokens_total, steps_total; also time_step_s and time_forward_s (summed over steps:
-        the model's forward vs the whole step, the rest being the engine's overhead).
+        the model -- forward and LM head -- vs the whole step; the rest, scheduling, batch building,
+        sampling and stop checks, is the engine's overhead).
     await engine.drain()
         Stop accepting requests, then wait until every running and waiting one has finished.
 
@@ -153,6 +154,8 @@ class Engine:
         if need > self.num_blocks:
             raise ValueError(f"the prompt ({P} tokens) with max_tokens {params.max_tokens} needs {need} KV blocks, "
                              f"more than the pool's {self.num_blocks} (raise kv_cache_mb)")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} sequences exceed the engine's max_num_seqs={self.scheduler.max_num_seqs}")
         if params.stop_strings and self.decode is None:
             raise ValueError("stop strings need the engine's decode callable (Engine(..., decode=...))")
         if request_id is not None and not isinstance(request_id, str):
@@ -226,7 +229,7 @@ class Engine:
                 samplers.append(seq)
         batch = self.runner.make_batch(token_ids, positions, counts, tables, logit_rows)
         t0 = time.perf_counter()
-        logits = self.runner.forward(batch)
+        hidden = self.runner.forward(batch)                         # (len(samplers), d)
         self._counters["time_forward_s"] += time.perf_counter() - t0
         for seq, n in sched:
             self.scheduler.computed(seq, n)
@@ -246,7 +249,7 @@ class Engine:
                 seq.children = []
         if not seqs:
             return
-        picked = sample_rows(logits[rows] if len(rows) != len(samplers) else logits, seqs)
+        picked = self._pick(hidden, rows, seqs)
         for seq, tok in zip(seqs, picked):
             seq.output.append(tok)
             self._counters["generation_tokens_total"] += 1
@@ -256,6 +259,23 @@ class Engine:
                 outputs.append(self._output(req, seq, [tok], False, None))
             else:
                 self._finish(req, seq, reason, outputs, [tok])
+
+    def _pick(self, hidden, rows: List[int], seqs: List[Sequence]) -> List[int]:
+        """The next token of seqs[i] from hidden row rows[i]: greedy rows through the runner's argmax
+        (the LM head's int8 screen on CPU fp32), the others sampled from their logits."""
+        picked = [0] * len(seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.params.greedy] if self.runner.use_head_screen else []
+        t0 = time.perf_counter()
+        if greedy:
+            for i, t in zip(greedy, self.runner.greedy(hidden[[rows[i] for i in greedy]])):
+                picked[i] = t
+        rest = [i for i in range(len(seqs)) if not (greedy and seqs[i].params.greedy)]
+        logits = self.runner.logits(hidden[[rows[i] for i in rest]]) if rest else None
+        self._counters["time_forward_s"] += time.perf_counter() - t0         # the model's head
+        if rest:
+            for i, t in zip(rest, sample_rows(logits, [seqs[i] for i in rest])):
+                picked[i] = t
+        return picked
 
     def _output(self, req: _Request, seq: Sequence, new: List[int], finished: bool, reason) -> RequestOutput:
         return RequestOutput(req.request_id, seq.index, new, finished, reason, len(req.prompt), len(seq.output))
@@ -315,7 +335,7 @@ class Engine:
                 for rid in list(self._queues):
                     self._queues[rid].put_nowait(e)
                     self.abort(rid)
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.01)
                 continue
             for out in outs:
                 q = self._queues.get(out.request_id)

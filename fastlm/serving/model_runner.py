@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastlm.backends import BackendUnavailableError, use_backend
 from fastlm.models.gpt2 import GPT2
 from fastlm.nn.quant_linear import QUANT_LINEARS
 from fastlm.ops.layer_norm import kernel as layer_norm_kernel
+from fastlm.ops.linear_argmax import linear_argmax
 from fastlm.ops.paged_attention import linear_rowwise, paged_attention_unchecked, paged_kv_write_unchecked
 
 
@@ -80,8 +82,9 @@ class StepBatch:
 
 
 class ModelRunner:
-    """GPT-2 (fastlm.models.GPT2) over a paged KV cache. forward(batch) -> logits (L, V) of the rows
-    batch.logits_index, after writing every token's keys/values into the cache."""
+    """GPT-2 (fastlm.models.GPT2) over a paged KV cache. forward(batch) -> final hidden rows (L, d) of
+    batch.logits_index, after writing every token's keys/values into the cache; logits(rows) -> (L, V);
+    greedy(rows) -> argmax tokens."""
 
     def __init__(self, model: GPT2, num_blocks: int, block_size: int):
         self.model = model
@@ -93,6 +96,7 @@ class ModelRunner:
         self.cache = KVCache(c.n_layer, num_blocks, c.n_head, block_size, c.head_dim, self.dtype, self.device)
         self.scale = 1.0 / math.sqrt(c.head_dim)
         self._ln = self._layer_norm_fn()
+        self.use_head_screen = True      # greedy(): the int8-screened argmax where it applies
 
     # ---- kernels, chosen once ----
 
@@ -129,19 +133,37 @@ class ModelRunner:
             return y if activation == "none" else F.gelu(y, approximate=activation)
         return linear_rowwise(x, mod.weight, mod.bias, activation)
 
-    def _head(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor) -> Tensor:
+        """x (L, d) final hidden rows (forward's output) -> logits (L, V) in the model's dtype."""
         m = self.model
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.config.vocab_size))
         if isinstance(m.lm_head, QUANT_LINEARS):
             return m.lm_head(x)
         return linear_rowwise(x, m.head_weight)
+
+    def greedy(self, x: Tensor) -> list:
+        """x (L, d) -> the argmax token of each row's logits (the first largest), as ints. With
+        use_head_screen on a CPU fp32 head: ops.linear_argmax through the head's int8 screen (the C++
+        kernel, forced), 16 rows at a time: the argmax of each row's exact one-row logits -- the
+        same token as logits(x).argmax(-1) -- without reading most of the fp32 head."""
+        screen = self.model.head_screen() if self.use_head_screen and x.shape[0] else None
+        if screen is not None:
+            try:
+                with use_backend("cpu"):
+                    return torch.cat([linear_argmax(x[i:i + 16], self.model.head_weight, screen)
+                                      for i in range(0, x.shape[0], 16)]).tolist()
+            except BackendUnavailableError:
+                self.use_head_screen = False
+        return self.logits(x).argmax(-1).tolist()
 
     # ---- the forward ----
 
     @torch.no_grad()
     def forward(self, batch: StepBatch) -> Tensor:
-        """Writes the batch's keys/values into the cache and returns logits (L, V) in the model's dtype
-        for the rows batch.logits_index (L may be 0). The last layer's projection and MLP run on those
-        rows only (no other row's output is read)."""
+        """Writes the batch's keys/values into the cache and returns the final hidden rows (after ln_f)
+        (L, d) of the rows batch.logits_index (L may be 0), for logits() / greedy(). The last layer's
+        projection and MLP run on those rows only (no other row's output is read)."""
         m, c = self.model, self.config
         T = batch.num_tokens
         H, D, d = c.n_head, c.head_dim, c.n_embd
@@ -168,9 +190,7 @@ class ModelRunner:
             x, h = ln(f, h, nxt.weight, nxt.bias, nxt.eps)
         if len(blocks) == 0:
             x, _ = ln(h[batch.logits_index], None, m.ln_f.weight, m.ln_f.bias, m.ln_f.eps)
-        if x.shape[0] == 0:
-            return x.new_zeros((0, c.vocab_size))
-        return self._head(x)
+        return x
 
     # ---- building a batch ----
 
