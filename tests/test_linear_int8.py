@@ -16,10 +16,11 @@ from fastlm.nn.quant_linear import quantize_int8
 from fastlm.ops.linear_int8 import linear_int8_fwd_ref
 from helpers import FULL, INTERPRET, assert_close, backend_params, poison_outputs
 
-# (rows, K, N): every row block of the CPU kernel (4/2/1 and their sums up to 16), 17 (the first
+# (rows, K, N): every row block of the CPU kernel (4/2/1 and their sums up to 16), 17, 64, 65 (the first
 # many-row shape) and 300; K below one vector, off 8/16/32-multiples, long; N odd, below one tile
 SHAPES = [(1, 7, 5), (1, 768, 131), (2, 33, 65), (3, 100, 129), (4, 16, 9), (5, 1, 3), (7, 35, 4),
-          (8, 64, 50), (11, 19, 301), (13, 129, 7), (15, 48, 33), (16, 40, 17), (17, 33, 9), (300, 96, 37)]
+          (8, 64, 50), (11, 19, 301), (13, 129, 7), (15, 48, 33), (16, 40, 17), (17, 33, 9), (64, 70, 13),
+          (65, 33, 9), (300, 96, 37)]
 TRITON_SHAPES = [(1, 7, 5), (3, 100, 129), (16, 40, 17), (17, 33, 9), (40, 70, 33)]
 if FULL:
     SHAPES += [(1, 3072, 768), (8, 768, 50257), (512, 1024, 4096)]

@@ -64,7 +64,8 @@ def linear_int8_fwd_ref(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optiona
 
 OP = "linear_int8"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FEW_ROWS = 16          # the C++ kernel's few-row bound (csrc/cpu/linear_int8.cpp kFewRows)
+_FEW_ROWS = 16          # the CUDA GEMV's row bound
+_CPU_FEW_ROWS = 64      # the C++ kernel's few-row bound (csrc/cpu/linear_int8.cpp kFewRows)
 backends.register_op(OP, ("reference", "cpu", "cuda", "triton"), cpp_ops=("linear_int8_fwd",))
 
 
@@ -85,7 +86,7 @@ def _supports(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor])
 
 
 def _cpu(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if x.shape[0] > _FEW_ROWS and x.dtype == torch.float32 and qweight.shape[1] > 0:
+    if x.shape[0] > _CPU_FEW_ROWS and x.dtype == torch.float32 and qweight.shape[1] > 0:
         # many rows: widen once, then the fastest fp32 GEMM (oneDNN on CPU fp32; the kernel's own
         # fallback is BLAS)
         from fastlm.ops.linear import dense_linear
