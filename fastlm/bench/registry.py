@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-SUITES = ("kernels", "models", "generate", "serve")
+SUITES = ("kernels", "models", "generate", "serve", "quant")
 
 
 @dataclass
