@@ -39,7 +39,7 @@ def _run(impls, baseline="torch", check=None, family="fake"):
 
 
 def test_suites_include_serve():
-    assert registry.SUITES == ("kernels", "models", "generate", "serve")
+    assert registry.SUITES == ("kernels", "models", "generate", "serve", "quant")
 
 
 def test_every_case_module_is_discovered_and_a_broken_one_reported(clean_registry, monkeypatch, tmp_path):
