@@ -45,6 +45,7 @@ those of the request run alone, whatever else shares the steps, however it is ch
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import uuid
@@ -59,6 +60,43 @@ from fastlm.serving.sampling import check_stop, make_generator, sample_rows
 from fastlm.serving.scheduler import FINISHED, Scheduler, Sequence, blocks_for
 
 DEFAULT_KV_CAP_MB = 512
+
+
+class _StepThreads:
+    """The thread count of CPU steps, chosen by timing them (fastlm.generation._CpuThreads' probe, per
+    token: an engine's steps differ in size). With other processes on the cores, every parallel region
+    waits for a descheduled thread (measured here, a busy 2-core machine: a tiny model's steps 20x
+    slower with 2 threads than with 1). Every `period` steps one step runs with all threads and the next
+    with one; the faster per-token count (one thread only when 1.25x faster) runs until the next probe.
+    Results do not depend on the count (the kernels' per-row arithmetic is fixed). FASTLM_DECODE_THREADS=N
+    fixes N."""
+
+    def __init__(self, period: int = 32):
+        fixed = os.environ.get("FASTLM_DECODE_THREADS")
+        self.all = int(fixed) if fixed else torch.get_num_threads()
+        self.fixed = fixed is not None
+        self.period, self.n, self.t_all, self.choice = period, 0, 0.0, self.all
+
+    def run(self, fn, tokens: int):
+        want = self.all
+        phase = self.n % self.period
+        if not self.fixed and self.all > 1:
+            want = self.all if phase == 0 else 1 if phase == 1 else self.choice
+        saved = torch.get_num_threads()
+        if saved != want:
+            torch.set_num_threads(want)
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            dt = (time.perf_counter() - t0) / max(tokens, 1)
+            if saved != want:
+                torch.set_num_threads(saved)
+            if phase == 0:
+                self.t_all = dt
+            elif phase == 1:
+                self.choice = 1 if dt * 1.25 < self.t_all else self.all
+            self.n += 1
 
 
 class _Request:
@@ -112,6 +150,7 @@ class Engine:
         self.runner = ModelRunner(native, num_blocks, block_size)
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
         self.device = native.wte.weight.device
+        self._threads = _StepThreads() if self.device.type == "cpu" else None
         self._lock = threading.Lock()
         self._pending: List[_Request] = []          # added, not yet applied (under _lock)
         self._pending_aborts: List[str] = []
@@ -229,7 +268,10 @@ class Engine:
                 samplers.append(seq)
         batch = self.runner.make_batch(token_ids, positions, counts, tables, logit_rows)
         t0 = time.perf_counter()
-        hidden = self.runner.forward(batch)                         # (len(samplers), d)
+        if self._threads is not None:
+            hidden = self._threads.run(lambda: self.runner.forward(batch), len(token_ids))
+        else:
+            hidden = self.runner.forward(batch)                     # (len(samplers), d)
         self._counters["time_forward_s"] += time.perf_counter() - t0
         for seq, n in sched:
             self.scheduler.computed(seq, n)
