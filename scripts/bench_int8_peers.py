@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     have = peers.available()
     print(f"fastlm bench_int8_peers: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU ISA {fastlm.cpu_isa() if hasattr(fastlm, 'cpu_isa') else '?'}, peers {have}", flush=True)
+          f"CPU ISA {fastlm.backends.cpu_isa()}, peers {have}", flush=True)
 
     hf = quant_quality.gpt2_random()
     gpt = {"fastlm fp32": fastlm.models.GPT2.from_hf(hf),
@@ -84,14 +84,15 @@ def main(argv=None) -> int:
         ids = quant_quality.prompts(B, P)
         name = f"gpt2 b{B} p{P} n{N}"
         fns = {}
+        # every callable binds its own inputs (a closure over the loop's `ids` would see the last case's)
         for label, m in gpt.items():
-            fns[label] = (lambda m_, n_: lambda: fastlm.generate(m_, ids, max_new_tokens=n_))(m, N)
-            fns[label + " [1 new]"] = (lambda m_: lambda: fastlm.generate(m_, ids, max_new_tokens=1))(m)
+            fns[label] = (lambda m_, x_, n_: lambda: fastlm.generate(m_, x_, max_new_tokens=n_))(m, ids, N)
+            fns[label + " [1 new]"] = (lambda m_, x_: lambda: fastlm.generate(m_, x_, max_new_tokens=1))(m, ids)
         if "ctranslate2" in have:
             for w in ("int8", "fp32"):
                 g = peers.Ct2Generator(hf, w)
-                fns[f"ctranslate2 {w}"] = (lambda g_, n_: lambda: g_.generate(ids, n_))(g, N)
-                fns[f"ctranslate2 {w} [1 new]"] = (lambda g_: lambda: g_.generate(ids, 1))(g)
+                fns[f"ctranslate2 {w}"] = (lambda g_, x_, n_: lambda: g_.generate(x_, n_))(g, ids, N)
+                fns[f"ctranslate2 {w} [1 new]"] = (lambda g_, x_: lambda: g_.generate(x_, 1))(g, ids)
         cases[name] = fns
         meta[name] = dict(B=B, P=P, N=N)
     if not args.skip_minilm:
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
         for B, S in ((1, 128), (8, 128)):
             ids = torch.randint(1000, mini.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(B))
             mask = torch.ones_like(ids)
-            fns = {label: (lambda m_: lambda: m_(ids, attention_mask=mask))(m) for label, m in nat.items()}
+            fns = {label: (lambda m_, x_, k_: lambda: m_(x_, attention_mask=k_))(m, ids, mask)
+                   for label, m in nat.items()}
             fns.update(peers.bert_contenders(mini, ids, mask))
             cases[f"minilm {B}x{S}"] = fns
             meta[f"minilm {B}x{S}"] = dict(B=B, S=S)
@@ -118,6 +120,18 @@ def main(argv=None) -> int:
             bw.append(read_bandwidth(buf))
         print(f"round {r + 1}/{args.rounds}: {time.perf_counter() - t0:.1f} s", flush=True)
     med = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in times.items()}
+    agree = {}                                         # token agreement / max error against fastlm fp32
+    for c, fns in cases.items():
+        outs = {k: fn() for k, fn in fns.items() if not k.endswith("[1 new]")}
+        ref = outs["fastlm fp32"]
+        ref = getattr(ref, "last_hidden_state", ref)
+        for k, o in outs.items():
+            o = getattr(o, "last_hidden_state", o)
+            if c.startswith("gpt2"):
+                n = meta[c]["N"]
+                agree[(c, k)] = f"tokens agree {(o[:, -n:] == ref[:, -n:]).float().mean().item() * 100:5.1f}%"
+            else:
+                agree[(c, k)] = f"max err {(o.float() - ref.float()).abs().max().item():.4f}"
     bw_med = statistics.median(bw)
 
     res = {"threads": torch.get_num_threads(), "rounds": args.rounds, "read_GBps": bw_med, "cases": {}}
@@ -131,11 +145,11 @@ def main(argv=None) -> int:
                     continue
                 step = (d[k] - d[k + " [1 new]"]) / (N - 1)
                 row[k] = {"tok_s": B * N / d[k], "total_ms": d[k] * 1e3, "prefill_ms": d[k + " [1 new]"] * 1e3,
-                          "step_ms": step * 1e3}
+                          "step_ms": step * 1e3, "vs_fastlm_fp32": agree[(c, k)]}
             lines.append(f"\n{c} (tokens/s whole call; decode step ms)")
             for k, v in row.items():
                 lines.append(f"  {k:20s} {v['tok_s']:8.1f} tok/s  step {v['step_ms']:7.2f} ms  "
-                             f"[1 new] {v['prefill_ms']:7.1f} ms")
+                             f"[1 new] {v['prefill_ms']:7.1f} ms  {agree[(c, k)]}")
             if "ctranslate2 int8" in row:
                 x = row["fastlm int8"]["tok_s"] / row["ctranslate2 int8"]["tok_s"]
                 row["int8 vs ctranslate2 int8"] = x
@@ -153,8 +167,8 @@ def main(argv=None) -> int:
         else:
             lines.append(f"\n{c} (ms a forward)")
             for k, v in d.items():
-                row[k] = {"ms": v * 1e3}
-                lines.append(f"  {k:20s} {v * 1e3:8.2f} ms")
+                row[k] = {"ms": v * 1e3, "vs_fastlm_fp32": agree[(c, k)]}
+                lines.append(f"  {k:20s} {v * 1e3:8.2f} ms  {agree[(c, k)]}")
             if "ctranslate2 int8" in d:
                 x = d["ctranslate2 int8"] / d["fastlm int8"]
                 row["int8 vs ctranslate2 int8"] = x
