@@ -47,7 +47,7 @@ def _eos_list(eos_token_id) -> list[int]:
     raise TypeError(f"fastlm.generate: eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
 
 
-def _process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+def process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """Temperature, then top-k, then top-p (nucleus; keeps the smallest set of tokens whose
     probability reaches top_p, at least one), as transformers' logits warpers do, in fp32."""
     logits = logits.float()
@@ -64,6 +64,9 @@ def _process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float
         remove[..., -1:] = False
         logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
     return logits
+
+
+_process_logits = process_logits   # the name tests and older callers use
 
 
 class _DecodeGraph:
@@ -248,7 +251,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     def pick(logits: Tensor) -> Tensor:
         if not do_sample:
             return logits.argmax(dim=-1)
-        probs = _process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+        probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     t0 = time.perf_counter()

@@ -13,24 +13,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-
-def process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """logits (V,) or (R, V) -> fp32 logits after temperature, top-k (0: off) and top-p (1.0: off;
-    keeps the smallest set whose probability reaches top_p, at least one token)."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k > 0:
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum <= (1 - top_p)
-        remove[..., -1:] = False
-        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
-    return logits
+from fastlm.generation import process_logits  # the one implementation, shared with fastlm.generate
 
 
 def sample_rows(logits: Tensor, seqs: Sequence) -> List[int]:

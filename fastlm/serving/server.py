@@ -395,6 +395,22 @@ async def _collect(run: _Run, request) -> bool:
     return True
 
 
+async def _collect_final(run: _Run, request):
+    """Non-streamed: run to the end and return [((prompt index, sequence index), seq)] in order, each
+    seq's text finished; None when the client disconnected first (aborted)."""
+    try:
+        if not await _collect(run, request):
+            return None
+    finally:
+        run.close()
+    out = []
+    for key, s in sorted(run.seqs.items()):
+        s.text.push(s.token_ids)
+        s.text.finish(s.finish_reason)
+        out.append((key, s))
+    return out
+
+
 def _gone():
     """The answer to a client that already left (never delivered; 499 as nginx logs it)."""
     from fastapi.responses import Response
@@ -543,15 +559,11 @@ def create_app(state: ServerState):
             return c
 
         if not req.stream:
-            try:
-                if not await _collect(run, request):
-                    return _gone()
-            finally:
-                run.close()
+            seqs = await _collect_final(run, request)
+            if seqs is None:
+                return _gone()
             choices = []
-            for (i, j), s in sorted(run.seqs.items()):
-                s.text.push(s.token_ids)
-                s.text.finish(s.finish_reason)
+            for (i, j), s in seqs:
                 text = (echo_text[i] if echo else "") + s.text.final_text
                 c = choice(i * n + j, text, s.finish_reason, s.token_ids)
                 if want_ids:
@@ -642,15 +654,11 @@ def create_app(state: ServerState):
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if not req.stream:
-            try:
-                if not await _collect(run, request):
-                    return _gone()
-            finally:
-                run.close()
+            seqs = await _collect_final(run, request)
+            if seqs is None:
+                return _gone()
             choices = []
-            for (_, j), s in sorted(run.seqs.items()):
-                s.text.push(s.token_ids)
-                s.text.finish(s.finish_reason)
+            for (_, j), s in seqs:
                 c = {"index": j, "message": {"role": "assistant", "content": s.text.final_text},
                      "logprobs": None, "finish_reason": s.finish_reason}
                 if want_ids:
