@@ -193,3 +193,50 @@ def test_linear_int8_triton_rejects_group_scales():
     x, q, s, b = _inputs(2, 32, 5, torch.float32, "cpu", True, 8)
     with fastlm.use_backend("triton"), pytest.raises(fastlm.BackendUnavailableError, match="per-group"):
         ops.linear_int8(x, q, s, b)
+
+
+@pytest.mark.skipif(not fastlm.available_backends("linear_int8", "cpu").count("cpu"), reason="no C++ extension")
+@pytest.mark.parametrize("kind", ["randn", "range", "zeros", "tiny", "big", "zero_row"])
+@pytest.mark.parametrize("K,N", [(1, 3), (7, 5), (63, 9), (64, 4), (65, 7), (200, 33), (768, 131)])
+def test_linear_int8_one_row_digits(monkeypatch, kind, K, N):
+    """One row goes through the VNNI path where the CPU has it (x split into four int8 digits, exact
+    int32 dots): the parity rule on rows of huge dynamic range, zeros, tiny and huge values, masked K
+    tails; FASTLM_INT8_VNNI=0 (read per call) gives the widening kernel, held to the same rule except on
+    "range" rows (fp32 accumulation in its own order: up to ~2.7x torch's error there, as before)."""
+    g = torch.Generator().manual_seed(K * 1000 + N)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    q, s = quantize_int8(w)
+    b = torch.randn(N, generator=g)
+    x = torch.randn(1, K, generator=g)
+    if kind == "range":
+        x = x * torch.exp(torch.randn(1, K, generator=g) * 6)
+    elif kind == "zeros":
+        x[:, ::3] = 0
+    elif kind == "tiny":
+        x = x * 1e-30
+    elif kind == "big":
+        x = x * 1e30
+    elif kind == "zero_row":
+        x.zero_()
+    for flag in ("1", "0") if kind != "range" else ("1",):
+        monkeypatch.setenv("FASTLM_INT8_VNNI", flag)
+        with fastlm.use_backend("cpu"), poison_outputs():
+            y = ops.linear_int8(x, q, s, b)
+        _check(y, x, q, s, b, f"VNNI={flag}")
+        if kind == "zero_row":
+            assert torch.equal(y, b[None])
+
+
+@pytest.mark.skipif(not fastlm.available_backends("linear_int8", "cpu").count("cpu"), reason="no C++ extension")
+def test_linear_int8_one_row_nonfinite_matches_widening(monkeypatch):
+    """NaN / inf in the row: the VNNI path steps aside, so the result is the widening kernel's."""
+    q, s = quantize_int8(torch.randn(9, 100))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1, 100)
+        x[0, 37] = bad
+        ys = []
+        for flag in ("1", "0"):
+            monkeypatch.setenv("FASTLM_INT8_VNNI", flag)
+            with fastlm.use_backend("cpu"):
+                ys.append(ops.linear_int8(x, q, s))
+        torch.testing.assert_close(ys[0], ys[1], equal_nan=True, rtol=0, atol=0)

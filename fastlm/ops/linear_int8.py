@@ -6,7 +6,9 @@ columns (scale (N, G) fp32, fastlm.quant). The kernels widen the weights to fp32
 accumulate in fp32; the output is in the input's dtype (activations are never quantized).
 
 - "cpu" (csrc/cpu/linear_int8.cpp): few rows (decode) stream the int8 weight once (N * K bytes, a
-  quarter of fp32's), AVX-512 / AVX2 / portable paths chosen at run time; many rows widen the weight
+  quarter of fp32's), AVX-512 / AVX2 / portable paths chosen at run time (one finite row with
+  per-channel scales on an avx512_vnni CPU: the row split exactly into four int8 digits and dotted by
+  vpdpbusd, error ~max|x| * 2^-31 per element; FASTLM_INT8_VNNI=0 turns it off); many rows widen the weight
   once into an fp32 panel and multiply on the fastest fp32 GEMM (oneDNN through
   fastlm.ops.linear.dense_linear, else BLAS).
 - "triton" (kernels/linear_int8.py): a GEMV for few rows and a tiled GEMM for many, dequantizing in
