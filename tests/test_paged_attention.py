@@ -137,7 +137,8 @@ def test_paged_kv_write(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend,dtype", backend_params("linear_rowwise"))
-@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (37, 129, 31), (70, 64, 5), (3, 17, 100)])
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (37, 129, 31), (70, 64, 5), (3, 17, 100), (23, 48, 17),
+                                   (67, 100, 13), (9, 768, 769), (70, 2100, 13), (6, 2080, 7)])
 @pytest.mark.parametrize("act", ["none", "tanh", "erf"])
 def test_linear_rowwise(device, backend, dtype, M, K, N, act):
     x, w, b = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype), torch.randn(N).to(dtype)
@@ -155,9 +156,12 @@ def test_linear_rowwise(device, backend, dtype, M, K, N, act):
 
 
 def _check_rowwise_invariance(x, w, b, act, dtype, y):
+    # every row: M spans several register tiles and row chunks with remainders (AVX-512: tiles of
+    # 4 rows x 3 W rows, or of 4 x 6 as two accumulator chains at K >= 2048), K tails of 1..31 past
+    # a multiple of 32 (the masked tail), N not a multiple of 3 or 6
     M = x.shape[0]
-    for i in (0, M // 2, M - 1):
-        assert torch.equal(pa.linear_rowwise(x[i:i + 1], w, b, act), y[i:i + 1])
+    for i in range(M):
+        assert torch.equal(pa.linear_rowwise(x[i:i + 1], w, b, act), y[i:i + 1]), i
     if act == "none" and dtype == torch.float32:
         for i in (0, M - 1):
             assert torch.equal(fastlm.ops.linear(x[i:i + 1], w, b), y[i:i + 1])
