@@ -13,8 +13,8 @@
 // (tile_chains): the same FMAs as two U = 1 passes, one per accumulator chain (the 24 accumulators
 // of one chain fit the registers where U = 2 allows 4 x 3), each chain stored, then added and
 // reduced as tile_avx512 does -- bit-identical, fewer loads per FMA. AVX2: four 8-lane accumulators
-// per row, as linear_fwd's row_times_rows<1, 4>, then the same reduction and scalar tail. Elsewhere: a scalar dot product in
-// k order. fp32 accumulation; bias added once at the end (out + bias, as linear_fwd).
+// per row, as linear_fwd's row_times_rows<1, 4>, then the same reduction and scalar tail. Elsewhere:
+// a scalar dot product in k order. fp32 accumulation; bias added once at the end (out + bias, as linear_fwd).
 // act: "none", or GELU ("tanh" approximation or exact "erf") applied per output row: full vectors
 // with at::vec then a scalar tail, so an element's value depends on its column only.
 #include <ATen/Dispatch.h>
