@@ -88,6 +88,15 @@ TORCH_LIBRARY(fastlm_C, m) {
   // y = x @ weight^T + bias with a bf16 weight widened to fp32 in registers, x fp32/fp16/bf16 -> x's dtype.
   m.def("linear_w16_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // ---- end [linear_int8] ----
+  // ---- [linear_w8a8] int8 weights x int8 activations (csrc/cpu/linear_w8a8.cpp) ----
+  // y = (acc * a_scale[m]) * scale[n] + bias[n], acc = xq @ qweight^T exact in int32: x (M, K) fp32/fp16/bf16
+  // quantized per row (a_scale = max|x| / 127, xq = rint(x / a_scale) in [-127, 127]), qweight (N, K) int8,
+  // scale (N,) fp32 per output channel, bias (N,) in x's dtype; packed: linear_w8a8_pack(qweight) or
+  // None (packed per call). -> (M, N) in x's dtype.
+  m.def("linear_w8a8_fwd(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, Tensor? packed) -> Tensor");
+  // qweight (N, K) int8 -> the kernel's packed weight (uint8: 16-channel x 4-k blocks, then int32 column sums).
+  m.def("linear_w8a8_pack(Tensor qweight) -> Tensor");
+  // ---- end [linear_w8a8] ----
   // ---- [serving] paged KV cache (csrc/cpu/paged_attention.cpp, csrc/cpu/linear_rowwise.cpp) ----
   // Attention over a block-paged cache: q (T, H, D); caches (num_blocks, Hkv, block_size, D);
   // block_tables (R, max_blocks) int32; query t reads row seq_index[t] (T,) int32 and attends to

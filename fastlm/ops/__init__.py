@@ -19,3 +19,6 @@ __all__ += ["decode_attention", "linear", "linear_argmax", "linear_topk_logits",
 from fastlm.ops.linear_int8 import linear_bf16w, linear_int8  # noqa: E402  (weight-only int8 / bf16; fastlm.quant)
 
 __all__ += ["linear_int8", "linear_bf16w"]
+from fastlm.ops.linear_w8a8 import linear_w8a8, linear_w8a8_pack  # noqa: E402  (int8 weights x int8 activations)
+
+__all__ += ["linear_w8a8", "linear_w8a8_pack"]

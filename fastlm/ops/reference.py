@@ -343,3 +343,42 @@ def gelu_ffn_bwd_ref(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tens
     db1 = dpre.sum(0).to(x.dtype) if has_fc1_bias else x.new_empty((0,))
     dx = dpre @ fc1_weight.to(ct)
     return dx.to(x.dtype), dw1.to(x.dtype), db1, dw2.to(x.dtype), db2
+
+
+# --------------------------------------------------------------------------------------------------
+# W8A8 linear: int8 weights x int8 activations (fastlm.quantize(weights="int8", activations="int8"))
+# --------------------------------------------------------------------------------------------------
+
+def quantize_rows_int8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, K) float -> (xq (M, K) int8, a_scale (M,) fp32): symmetric per row, in fp32 (x widened
+    first; exact for fp16/bf16).
+       a_scale = max|x| / 127 (fp32 division),  xq = clamp(round_half_even(x / a_scale), -127, 127)
+    (fp32 division x / a_scale, not x * (127 / max|x|): the C++ kernels divide too, so xq agrees bit
+    for bit). A row whose a_scale is 0 (zeros, or max|x| / 127 underflows) gets xq = 0; a row holding
+    a NaN / inf gets a_scale = NaN and xq = 0, so its outputs are NaN."""
+    xf = x.float()
+    M, K = xf.shape
+    amax = xf.abs().amax(-1) if K else xf.new_zeros(M)
+    finite = torch.isfinite(xf).all(-1)
+    a_scale = torch.where(finite, amax / 127, torch.full_like(amax, float("nan")))
+    ok = a_scale > 0                                         # False for 0 and NaN
+    safe = torch.where(ok, a_scale, torch.ones_like(a_scale))
+    xq = torch.round(xf / safe[:, None]).clamp_(-127, 127)
+    xq = torch.where(ok[:, None], xq, torch.zeros_like(xq)).to(torch.int8)
+    return xq, a_scale
+
+
+def linear_w8a8_fwd_ref(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
+                        packed: Tensor | None = None) -> Tensor:
+    """x (M, K) float, qweight (N, K) int8, scale (N,) fp32 per output channel, bias (N,)? -> (M, N) in
+    x's dtype; packed (the C++ kernel's packed weight) is ignored.
+       xq, a_scale = quantize_rows_int8_ref(x);  acc = xq @ qweight^T (exact: integers in fp64, |acc| < 2^53)
+       y = (float32(acc) * a_scale[m]) * scale[n] + bias[n]   (fp32, each op rounded; then x's dtype)
+    The CPU kernel (csrc/cpu/linear_w8a8.cpp) computes acc exactly in int32 and the same epilogue, so
+    its outputs are bit-identical to these."""
+    xq, a_scale = quantize_rows_int8_ref(x)
+    acc = xq.double() @ qweight.double().t()
+    y = (acc.float() * a_scale[:, None]) * scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
