@@ -23,13 +23,14 @@ _hf.install_import_hook()  # registers attn_implementation="fastlm" once transfo
 __version__ = "0.1.0"
 
 
-def quantize(model, weights: str = "int8", group_size=None):
-    """fastlm.quantize(model, weights="int8"|"bf16", group_size=None) -> model, in place: int8 (per-output-
-    channel fp32 scales, or per group of inputs) or bf16 weights for every projection of a fastlm
-    GPT2/Bert or a transformers GPT-2/BERT model (see fastlm.quant)."""
+def quantize(model, weights: str = "int8", group_size=None, activations=None):
+    """fastlm.quantize(model, weights="int8"|"bf16", group_size=None, activations=None|"int8") -> model, in
+    place: int8 (per-output-channel fp32 scales, or per group of inputs) or bf16 weights for every
+    projection of a fastlm GPT2/Bert or a transformers GPT-2/BERT model; activations="int8" adds W8A8
+    (int8 activations, int32 GEMM) for calls of 2+ rows (see fastlm.quant)."""
     from fastlm.quant import quantize as _quantize
 
-    return _quantize(model, weights=weights, group_size=group_size)
+    return _quantize(model, weights=weights, group_size=group_size, activations=activations)
 
 
 def __getattr__(name: str):

@@ -7,7 +7,10 @@ Every projection -- attention qkv and output, FFN fc1 and fc2, and GPT-2's LM he
 embedding; the embedding itself stays in the model's dtype for the lookups) -- becomes a
 fastlm.nn.Int8Linear: int8 weights with fp32 scales per output channel (symmetric, round to nearest),
 or per group of `group_size` inputs; activations stay in the model's dtype (W8A32: the kernels widen
-the weights to fp32 in registers). weights="bf16" stores the same projections in bf16 instead
+the weights to fp32 in registers). activations="int8" (per-channel scales only) adds W8A8: every
+projection call of 2+ rows (prefill, BERT) quantizes its input rows to int8 as well (per-row scale
+max|x| / 127) and runs an int32 GEMM (fastlm.ops.linear_w8a8; AVX-512 VNNI on CPU, ~5x the fp32 GEMM);
+1-row calls (decode at batch 1) stay W8A32. weights="bf16" stores the same projections in bf16 instead
 (fastlm.nn.Bf16Linear). BERT's pooler stays as it is (one small matrix, run once per sequence).
 
 Hugging Face GPT2LMHeadModel / GPT2Model / BertModel / BertFor* are patched first (fastlm.patch) when
@@ -29,20 +32,25 @@ from fastlm.nn.quant_linear import QUANT_LINEARS, Bf16Linear, Int8Linear
 WEIGHTS = ("int8", "bf16")
 
 
+ACTIVATIONS = (None, "int8")
+
+
 def _convert(weight: torch.Tensor, bias: Optional[torch.Tensor], weights: str, group_size: Optional[int],
-             dtype: torch.dtype) -> torch.nn.Module:
+             dtype: torch.dtype, activations: Optional[str] = None) -> torch.nn.Module:
     if weights == "int8":
-        return Int8Linear.from_weight(weight, bias, group_size, dtype=dtype)
+        return Int8Linear.from_weight(weight, bias, group_size, dtype=dtype, activations=activations)
     return Bf16Linear.from_weight(weight, bias, dtype=dtype)
 
 
-def _from_linear(lin: torch.nn.Module, weights: str, group_size: Optional[int]) -> torch.nn.Module:
-    return _convert(lin.weight, lin.bias, weights, group_size, lin.weight.dtype)
+def _from_linear(lin: torch.nn.Module, weights: str, group_size: Optional[int],
+                 activations: Optional[str] = None) -> torch.nn.Module:
+    return _convert(lin.weight, lin.bias, weights, group_size, lin.weight.dtype, activations)
 
 
-def _from_conv1d(conv: torch.nn.Module, weights: str, group_size: Optional[int]) -> torch.nn.Module:
+def _from_conv1d(conv: torch.nn.Module, weights: str, group_size: Optional[int],
+                 activations: Optional[str] = None) -> torch.nn.Module:
     # transformers' Conv1D stores (in, out): Int8Linear takes F.linear's (out, in), same forward
-    return _convert(conv.weight.t(), conv.bias, weights, group_size, conv.weight.dtype)
+    return _convert(conv.weight.t(), conv.bias, weights, group_size, conv.weight.dtype, activations)
 
 
 # A target: (parent module, attribute name, "linear" | "conv1d"). Collected first, so that every check
@@ -86,7 +94,8 @@ def _in_features(parent, name: str, how: str, model) -> Optional[int]:
     return child.weight.shape[0] if how == "conv1d" else child.weight.shape[1]
 
 
-def _check_targets(model, targets: list, weights: str, group_size: Optional[int]) -> None:
+def _check_targets(model, targets: list, weights: str, group_size: Optional[int],
+                   activations: Optional[str] = None) -> None:
     want = Int8Linear if weights == "int8" else Bf16Linear
     for parent, name, how in targets:
         child = getattr(parent, name)
@@ -105,22 +114,24 @@ def _check_targets(model, targets: list, weights: str, group_size: Optional[int]
                              f"{type(parent).__name__}.{name}")
 
 
-def _apply(model, targets: list, weights: str, group_size: Optional[int]) -> int:
+def _apply(model, targets: list, weights: str, group_size: Optional[int], activations: Optional[str] = None) -> int:
     n = 0
     for parent, name, how in targets:
         child = getattr(parent, name)
         if isinstance(child, QUANT_LINEARS):
+            if isinstance(child, Int8Linear):
+                child.activations = activations      # a setting, not the weights: switched in place
             continue
         if how == "head":                            # native GPT2: the head tied to wte
             w = model.head_weight
             if isinstance(model.lm_head, torch.nn.Parameter):
                 del model.lm_head                    # an untied head weight: becomes a module here
-            model.lm_head = _convert(w, None, weights, group_size, w.dtype)   # the tie to wte ends here
+            model.lm_head = _convert(w, None, weights, group_size, w.dtype, activations)   # the tie to wte ends here
             model.__dict__.pop("_head_screen", None)
         elif how == "conv1d":
-            setattr(parent, name, _from_conv1d(child, weights, group_size))
+            setattr(parent, name, _from_conv1d(child, weights, group_size, activations))
         else:
-            setattr(parent, name, _from_linear(child, weights, group_size))
+            setattr(parent, name, _from_linear(child, weights, group_size, activations))
         n += 1
     return n
 
@@ -139,14 +150,18 @@ def _unfuse(model: torch.nn.Module) -> None:
             m.__class__ = orig
 
 
-def quantize(model: torch.nn.Module, weights: str = "int8", group_size: Optional[int] = None) -> torch.nn.Module:
+def quantize(model: torch.nn.Module, weights: str = "int8", group_size: Optional[int] = None,
+             activations: Optional[str] = None) -> torch.nn.Module:
     """Quantize `model`'s projections in place and return it.
 
     model: fastlm.models.GPT2, fastlm.models.Bert, or a transformers GPT-2 (GPT2LMHeadModel,
     GPT2Model) / BERT (BertModel, BertFor*) model. weights: "int8" (per-output-channel fp32 scales, or
-    per group of `group_size` inputs) or "bf16". Projections already quantized the same way are left as
-    they are (quantizing twice is a no-op); other weights or another group_size raise ValueError. All
-    arguments are checked before the first projection is replaced."""
+    per group of `group_size` inputs) or "bf16". activations: None (W8A32: activations stay in the
+    model's dtype) or "int8" (W8A8 for every projection call of 2+ rows: prefill, BERT; 1-row calls stay
+    W8A32; needs weights="int8" without group_size). Projections already quantized the same way are left
+    as they are (quantizing twice is a no-op; `activations` is switched on them, the weights stay);
+    other weights or another group_size raise ValueError.
+    All arguments are checked before the first projection is replaced."""
     from fastlm.models.bert import Bert
     from fastlm.models.gpt2 import GPT2
 
@@ -159,6 +174,13 @@ def quantize(model: torch.nn.Module, weights: str = "int8", group_size: Optional
             raise ValueError("fastlm.quantize: group_size applies to weights='int8' only")
         if group_size <= 0:
             raise ValueError(f"fastlm.quantize: group_size must be a positive int, got {group_size!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"fastlm.quantize: activations must be None (W8A32) or 'int8' (W8A8), got {activations!r}")
+    if activations == "int8" and weights != "int8":
+        raise ValueError(f"fastlm.quantize: activations='int8' needs weights='int8', got weights={weights!r}")
+    if activations == "int8" and group_size is not None:
+        raise ValueError("fastlm.quantize: activations='int8' needs per-channel scales (group_size=None), got "
+                         f"group_size={group_size}")
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if isinstance(model, GPT2):
         targets = _targets_native_gpt2(model)
@@ -169,7 +191,7 @@ def quantize(model: torch.nn.Module, weights: str = "int8", group_size: Optional
     else:
         raise TypeError(f"fastlm.quantize: model must be a fastlm GPT2/Bert or a transformers GPT-2/BERT model, "
                         f"got {type(model).__name__}")
-    _check_targets(model, targets, weights, group_size)
+    _check_targets(model, targets, weights, group_size, activations)
     if not isinstance(model, (GPT2, Bert)):
         import fastlm
 
@@ -177,7 +199,7 @@ def quantize(model: torch.nn.Module, weights: str = "int8", group_size: Optional
             fastlm.patch(model)
         _unfuse(model)
         targets = _targets_hf(model, kind)          # patch may have replaced modules: collect again
-    n = _apply(model, targets, weights, group_size)
+    n = _apply(model, targets, weights, group_size, activations)
     if n and kind == "gpt2" and not isinstance(model, GPT2) and getattr(model, "lm_head", None) is not None:
         # the quantized head is its own tensor now: HF must not tie it back to wte. The config object is
         # often shared (models built from one GPT2Config): this model gets its own copy first

@@ -574,3 +574,43 @@ def test_linear_bf16w_grad_and_errors():
         ops.linear_bf16w(x, w.float())
     with pytest.raises(ValueError, match="in_features"):
         ops.linear_bf16w(torch.randn(3, 7), w)
+
+
+# ---------------------------------------------------------------- activations="int8" (W8A8)
+
+
+def test_quantize_activations_arguments():
+    """activations: None (W8A32, the default) or "int8" (W8A8, weights="int8", per-channel scales);
+    anything else raises ValueError naming `activations`, before any projection is replaced. On a
+    model quantized before, `activations` is switched in place (the int8 weights stay)."""
+    hf = _hf_gpt2()
+    for bad in ("fp8", "int4", 8, True):
+        with pytest.raises(ValueError, match="activations"):
+            fastlm.quantize(hf, activations=bad)
+    with pytest.raises(ValueError, match="activations='int8' needs weights='int8'"):
+        fastlm.quantize(hf, weights="bf16", activations="int8")
+    with pytest.raises(ValueError, match="group_size"):
+        fastlm.quantize(hf, group_size=32, activations="int8")
+    assert not any(isinstance(m, (Int8Linear, Bf16Linear)) for m in hf.modules())
+    native = fastlm.quantize(GPT2.from_hf(hf))
+    layers = _int8_layers(native)
+    assert all(m.activations is None for m in layers)
+    q0 = layers[0].qweight
+    fastlm.quantize(native, activations="int8")
+    assert all(m.activations == "int8" for m in _int8_layers(native)) and _int8_layers(native)[0].qweight is q0
+    fastlm.quantize(native)
+    assert all(m.activations is None for m in _int8_layers(native))
+
+
+def test_quantize_activations_state_dict_round_trip():
+    """W8A8 changes no state: a W8A8 model's state_dict loads into a W8A32 one of the same shapes and
+    back; the loaded W8A8 model gives the same outputs."""
+    model = fastlm.quantize(Bert.from_hf(_hf_bert()), activations="int8")
+    sd = model.state_dict()
+    assert not any("pack" in k for k in sd)
+    with torch.device("meta"):
+        fresh = Bert.from_hf(_hf_bert())
+    fastlm.quantize(fresh, activations="int8")
+    fresh.load_state_dict(sd, assign=True)
+    ids = _ids(2, 9, 173)
+    assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)

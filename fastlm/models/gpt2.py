@@ -416,7 +416,8 @@ class GPT2(torch.nn.Module):
         where ops.linear_int8 would pick it (the step's shapes and dtypes hold by construction: no
         per-call checks), else the module itself (the public op)."""
         if x.device.type == "cpu" and not torch.compiler.is_compiling() and isinstance(self.blocks[0].c_attn,
-                                                                                        Int8Linear):
+                                                                                        Int8Linear) \
+                and (getattr(self.blocks[0].c_attn, "activations", None) is None or x.shape[0] == 1):  # W8A8: mod(x)
             ok = lambda backend: None if backend == "reference" or x.dtype in (  # noqa: E731
                 torch.float32, torch.float16, torch.bfloat16) else "dtype"
             if backends.select("linear_int8", x.device, ok) == "cpu":

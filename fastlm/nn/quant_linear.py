@@ -4,7 +4,11 @@
   (out, in / group_size) per group, and an optional `bias` in the activations' dtype;
   forward = fastlm.ops.linear_int8 (weights widened to fp32 in registers, fp32 accumulation, output in
   the input's dtype). Symmetric round-to-nearest: scale = max|w| / 127 over the channel (group),
-  qweight = round(w / scale) in [-127, 127].
+  qweight = round(w / scale) in [-127, 127]. With activations="int8" (per-channel scales only), inputs of
+  2+ rows (prefill, BERT) take fastlm.ops.linear_w8a8 instead: each row quantized to int8 too (per-row
+  scale max|x| / 127), int32 GEMM (AVX-512 VNNI on CPU); 1-row calls (decode at batch 1) keep the W8A32
+  linear_int8 (exact one-row VNNI kernel). The CPU kernel's packed copy of qweight (~N * K bytes) is
+  built on the first such call and cached on the module (not in state_dict; rebuilt when qweight changes).
 - `Bf16Linear`: weight stored as bf16 (half the bytes), computed as F.linear on the weight widened to
   the input's dtype (fastlm.ops.linear when they match).
 
@@ -23,6 +27,7 @@ from torch import Tensor
 from fastlm import _ext, ops
 
 QMAX = 127
+ACTIVATIONS = (None, "int8")
 
 
 def _check_group_size(where: str, group_size, in_features: int) -> None:
@@ -61,6 +66,14 @@ def _best_scale(rows: Tensor, amax: Tensor) -> Tensor:
     fine = (best_clip[None, :] + torch.tensor(_CLIP_FINE, dtype=rows.dtype, device=rows.device)[:, None])
     try_clips(fine.clamp_(0.3, 1.0))
     return amax * best_clip / QMAX
+
+
+def _check_activations(where: str, activations, group_size) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"{where}: activations must be None (W8A32) or 'int8' (W8A8), got {activations!r}")
+    if activations == "int8" and group_size is not None:
+        raise ValueError(f"{where}: activations='int8' needs per-channel scales (group_size=None), got "
+                         f"group_size={group_size}")
 
 
 def quantize_int8(weight: Tensor, group_size: Optional[int] = None, search: bool = True) -> tuple[Tensor, Tensor]:
@@ -111,13 +124,17 @@ def dequantize_int8(qweight: Tensor, scale: Tensor, dtype: torch.dtype = torch.f
 class Int8Linear(torch.nn.Module):
     """y = x @ (qweight * scale)^T + bias. in_features, out_features as torch.nn.Linear; group_size None
     (per output channel scales) or a divisor of in_features (per group). dtype: the bias's (and the
-    activations') dtype."""
+    activations') dtype. activations: None (W8A32: activations stay in their dtype) or "int8" (W8A8 for
+    inputs of 2+ rows: fastlm.ops.linear_w8a8, per-row int8 activations, int32 accumulation; 1-row inputs
+    stay W8A32; per-channel scales only). `activations` is a setting, not state: state_dict is the same."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: Optional[int] = None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, activations: Optional[str] = None) -> None:
         super().__init__()
         _check_group_size("Int8Linear", group_size, in_features)
+        _check_activations("Int8Linear", activations, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.activations = activations
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         sshape = (out_features,) if group_size is None else (out_features, in_features // group_size)
         self.register_buffer("scale", torch.ones(sshape, dtype=torch.float32, device=device))
@@ -129,12 +146,12 @@ class Int8Linear(torch.nn.Module):
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Optional[Tensor] = None, group_size: Optional[int] = None,
-                    dtype: Optional[torch.dtype] = None) -> "Int8Linear":
+                    dtype: Optional[torch.dtype] = None, activations: Optional[str] = None) -> "Int8Linear":
         """Quantize weight (out, in) (bias (out,) kept, in `dtype`, default the weight's dtype)."""
         N, K = weight.shape
         dtype = dtype or (bias.dtype if bias is not None else weight.dtype)
         with torch.device("meta"):
-            m = cls(K, N, bias=bias is not None, group_size=group_size, dtype=dtype)
+            m = cls(K, N, bias=bias is not None, group_size=group_size, dtype=dtype, activations=activations)
         q, s = quantize_int8(weight, group_size)
         m.qweight, m.scale = q.to(weight.device), s.to(weight.device)
         if bias is not None:
@@ -142,14 +159,34 @@ class Int8Linear(torch.nn.Module):
         return m
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, group_size: Optional[int] = None) -> "Int8Linear":
-        return cls.from_weight(linear.weight, linear.bias, group_size)
+    def from_linear(cls, linear: torch.nn.Linear, group_size: Optional[int] = None,
+                    activations: Optional[str] = None) -> "Int8Linear":
+        return cls.from_weight(linear.weight, linear.bias, group_size, activations=activations)
 
     def forward(self, input: Tensor) -> Tensor:
         b = self.bias
         if b is not None and b.dtype != input.dtype:
             b = b.to(input.dtype)
+        if getattr(self, "activations", None) == "int8" and input.dim() and input.numel() >= 2 * max(input.shape[-1], 1):
+            # 2+ rows (prefill, BERT): W8A8, the int32 GEMM; one row (decode) stays W8A32 below
+            return ops.linear_w8a8(input, self.qweight, self.scale, b, packed=self.w8a8_packed())
         return ops.linear_int8(input, self.qweight, self.scale, b)
+
+    def w8a8_packed(self) -> Optional[Tensor]:
+        """The CPU W8A8 kernel's packed copy of qweight (fastlm.ops.linear_w8a8_pack), built on first use
+        and kept in the module's __dict__ (not a buffer: not in state_dict, not moved by .to()); rebuilt
+        when qweight is replaced or changed in place (its data pointer, version or device differ). None
+        where it does not apply (not on CPU, no extension, under torch.compile: the op packs per call)."""
+        q = self.qweight
+        if q.device.type != "cpu" or torch.compiler.is_compiling() or type(q) is not torch.Tensor:
+            return None
+        key = (q.data_ptr(), q._version, tuple(q.shape))
+        hit = self.__dict__.get("_w8a8_pack")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        packed = ops.linear_w8a8_pack(q)
+        self.__dict__["_w8a8_pack"] = (key, packed)
+        return packed
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this layer computes with, (out, in) in dtype."""
@@ -183,6 +220,7 @@ class Int8Linear(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() cast floating buffers: the fp32 scale must stay fp32 (it only moves)
+        self.__dict__.pop("_w8a8_pack", None)      # the packed copy follows qweight (rebuilt on use)
         scale = self._buffers.pop("scale")
         try:
             super()._apply(fn, recurse)
@@ -193,7 +231,9 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         g = "" if self.group_size is None else f", group_size={self.group_size}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{g}"
+        a = "" if getattr(self, "activations", None) is None else f", activations={self.activations!r}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f"{g}{a}")
 
 
 class Bf16Linear(torch.nn.Module):
