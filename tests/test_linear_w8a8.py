@@ -306,7 +306,8 @@ def test_int8linear_activations():
     with torch.no_grad():
         m.qweight.copy_(torch.flip(m.qweight, (0,)))       # in place: the pack follows
     assert m.w8a8_packed() is not packed
-    _assert_exact("after copy_", m(x), linear_w8a8_fwd_ref(x.reshape(-1, 40), m.qweight, m.scale, m.bias).view(2, 5, 33))
+    want = linear_w8a8_fwd_ref(x.reshape(-1, 40), m.qweight, m.scale, m.bias).view(2, 5, 33)
+    _assert_exact("after copy_", m(x), want)
     m2 = Int8Linear(40, 33, activations="int8")
     m2.load_state_dict(m.state_dict())
     _assert_exact("loaded", m2(x), m(x))

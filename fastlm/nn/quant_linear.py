@@ -167,7 +167,7 @@ class Int8Linear(torch.nn.Module):
         b = self.bias
         if b is not None and b.dtype != input.dtype:
             b = b.to(input.dtype)
-        if getattr(self, "activations", None) == "int8" and input.dim() and input.numel() >= 2 * max(input.shape[-1], 1):
+        if getattr(self, "activations", None) == "int8" and input.dim() and input.numel() >= 2 * input.shape[-1] > 0:
             # 2+ rows (prefill, BERT): W8A8, the int32 GEMM; one row (decode) stays W8A32 below
             return ops.linear_w8a8(input, self.qweight, self.scale, b, packed=self.w8a8_packed())
         return ops.linear_int8(input, self.qweight, self.scale, b)
