@@ -106,8 +106,12 @@ TORCH_LIBRARY(fastlm_C, m) {
   // Cache write: key/value (T, Hkv, D) to flat slots (T,) int64 = block * block_size + offset (-1: skip).
   m.def("paged_kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
   // Batch-invariant y = act(x @ weight^T + bias): every row with linear_fwd's one-row arithmetic;
-  // activation "none", "tanh" or "erf" (GELU).
-  m.def("linear_rowwise_fwd(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  // activation "none", "tanh" or "erf" (GELU). packed: linear_rowwise_pack(weight) or None (AVX-512:
+  // packed per call when there are enough rows; other ISAs ignore it).
+  m.def("linear_rowwise_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, Tensor? packed=None) -> Tensor");
+  // weight (N, K) -> its fp32 copy in the many-row kernel's layout (panels of 64 columns by k chain);
+  // empty where that kernel does not run (no AVX-512).
+  m.def("linear_rowwise_pack(Tensor weight) -> Tensor");
 }
 
 extern "C" {

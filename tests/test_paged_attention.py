@@ -55,7 +55,7 @@ def _low(q, k, v, tables, seq, lens, scale):
 
 
 @pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention"))
-@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 4, 64, 16), (6, 2, 40, 16), (3, 1, 17, 5), (2, 2, 128, 8)])
+@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 4, 64, 16), (6, 2, 40, 16), (3, 1, 17, 5), (2, 2, 128, 8), (8, 2, 64, 5)])
 def test_paged_decode_matches_ref(device, backend, dtype, H, Hkv, D, bs):
     lens = LENS if backend != "triton" else [0, 1, 15, 17, 40]
     q, k, v, tables = _paged_case(lens, H, Hkv, D, bs, dtype)
@@ -71,11 +71,13 @@ def test_paged_decode_matches_ref(device, backend, dtype, H, Hkv, D, bs):
 
 
 @pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention"))
-def test_paged_prefill_matches_dense_causal(device, backend, dtype):
+@pytest.mark.parametrize("D", [32, 64])
+def test_paged_prefill_matches_dense_causal(device, backend, dtype, D):
     """A chunk of new tokens per request over its cached prefix == dense causal attention over the whole
-    sequence, restricted to the chunk's rows."""
-    H, Hkv, D, bs = 4, 2, 32, 16
-    totals, chunks = [17, 40, 5, 33], [17, 7, 1, 16]        # request r: chunk = the last chunks[r] tokens
+    sequence, restricted to the chunk's rows. (D 64 fp32 on AVX-512: the query-block kernel, chunks
+    longer than its 12-token blocks.)"""
+    H, Hkv, bs = 4, 2, 16
+    totals, chunks = [17, 40, 5, 33, 70], [17, 7, 1, 16, 30]   # request r: chunk = the last chunks[r] tokens
     g = torch.Generator().manual_seed(1)
     q, k, v, tables = _paged_case(totals, H, Hkv, D, bs, dtype, seed=1)
     qs = [torch.randn(c, H, D, generator=g).to(dtype) for c in chunks]
@@ -111,6 +113,29 @@ def test_paged_attention_token_invariance(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention", [torch.float32]))
+@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 2, 64, 16), (2, 2, 128, 5), (3, 3, 40, 16)])
+def test_paged_prefill_token_invariance(device, backend, dtype, H, Hkv, D, bs):
+    """A prefill chunk's token == the same token computed alone (as a decode step would), bit for bit
+    on cpu, whatever query block the chunk's tokens fall into."""
+    q, k, v, tables = _paged_case([45, 45], H, Hkv, D, bs, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    qc = torch.randn(45, H, D, generator=g)
+    seq = torch.tensor([0] * 30 + [1] * 15, dtype=torch.int32)
+    lens = torch.tensor(list(range(16, 46)) + list(range(31, 46)), dtype=torch.int32)
+    with fastlm.use_backend(backend):
+        full = pa.paged_attention(qc, k, v, tables, seq, lens)
+        for t in (0, 11, 12, 13, 29, 30, 44):
+            one = pa.paged_attention(qc[t:t + 1], k, v, tables, seq[t:t + 1], lens[t:t + 1])
+            if backend == "cpu":
+                assert torch.equal(one, full[t:t + 1]), t
+            else:
+                torch.testing.assert_close(one, full[t:t + 1])
+        part = pa.paged_attention(qc[5:40], k, v, tables, seq[5:40], lens[5:40])   # other block boundaries
+        if backend == "cpu":
+            assert torch.equal(part, full[5:40])
+
+
+@pytest.mark.parametrize("device,backend,dtype", backend_params("paged_attention", [torch.float32]))
 def test_paged_attention_nan(device, backend, dtype):
     q, k, v, tables = _paged_case([5, 9], 2, 2, 16, 4, dtype)
     blk = int(tables[1, 1])
@@ -138,7 +163,7 @@ def test_paged_kv_write(device, backend, dtype):
 
 @pytest.mark.parametrize("device,backend,dtype", backend_params("linear_rowwise"))
 @pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (37, 129, 31), (70, 64, 5), (3, 17, 100), (23, 48, 17),
-                                   (67, 100, 13), (9, 768, 769), (70, 2100, 13), (6, 2080, 7)])
+                                   (67, 100, 13), (9, 768, 769), (70, 2100, 13), (6, 2080, 7), (530, 77, 65)])
 @pytest.mark.parametrize("act", ["none", "tanh", "erf"])
 def test_linear_rowwise(device, backend, dtype, M, K, N, act):
     x, w, b = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype), torch.randn(N).to(dtype)
@@ -153,6 +178,34 @@ def test_linear_rowwise(device, backend, dtype, M, K, N, act):
         # row (forced: auto may pick torch's BLAS for ops.linear, whose sums are ordered differently)
         with fastlm.use_backend("cpu"):
             _check_rowwise_invariance(x, w, b, act, dtype, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [1, 15, 16, 31, 33, 48, 64, 95, 768])
+def test_linear_rowwise_packed(dtype, K):
+    # the many-row kernel (AVX-512; packed per call from 512 rows, or given linear_rowwise_pack's
+    # copy at any row count): every row bit for bit the one-row value; K tails past 32 and 16 steps,
+    # N past the 64-column panels, M past the 6-row tiles and 96-row chunks
+    if "cpu" not in fastlm.available_backends("linear_rowwise"):
+        pytest.skip("needs fastlm's C++ CPU ops")
+    torch.manual_seed(K)
+    N = 130
+    x, w, b = torch.randn(200, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype), torch.randn(N).to(dtype)
+    packed = pa.linear_rowwise_pack(w)
+    with fastlm.use_backend("cpu"):
+        for M in (1, 5, 13, 200):
+            with poison_outputs():
+                y = pa.linear_rowwise(x[:M], w, b, "none", packed)
+            assert not y.isnan().any()
+            for i in range(M):
+                assert torch.equal(pa.linear_rowwise(x[i:i + 1], w, b, "none"), y[i:i + 1]), (M, i)
+    oracle = pa.linear_rowwise_fwd_ref(x.double(), w.double(), b.double(), "none")
+    assert_close(f"linear_rowwise packed {dtype}", y, oracle, None if dtype == torch.float32 else
+                 pa.linear_rowwise_fwd_ref(x, w, b, "none"),
+                 atol={torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype])
+    if packed is not None:   # a packed copy of another shape is refused
+        with pytest.raises(RuntimeError, match="packed"):
+            torch.ops.fastlm_C.linear_rowwise_fwd(x, w[:64], b[:64], "none", packed)
 
 
 def _check_rowwise_invariance(x, w, b, act, dtype, y):

@@ -264,11 +264,27 @@ def _linear_supports(x: Tensor):
     return check
 
 
-def linear_rowwise(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none") -> Tensor:
+def linear_rowwise_pack(weight: Tensor) -> Optional[Tensor]:
+    """weight (N, K) -> its copy in the layout of the cpu backend's many-row kernel (fp32 panels of
+    64 columns; about weight's size in fp32), for linear_rowwise(..., packed=): a caller that keeps
+    it skips the per-call packing and gets the kernel's GEMM speed at any row count. None where the
+    cpu backend has no such kernel (not a CPU tensor, no C++ ops, or a CPU without AVX-512)."""
+    _checks.tensor(LINEAR_OP, "weight", weight)
+    if weight.device.type != "cpu" or weight.dtype not in _KERNEL_DTYPES or weight.dim() != 2:
+        return None
+    if "cpu" not in backends.available_backends(LINEAR_OP):
+        return None
+    packed = torch.ops.fastlm_C.linear_rowwise_pack(weight)
+    return packed if packed.numel() else None
+
+
+def linear_rowwise(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
+                   packed: Optional[Tensor] = None) -> Tensor:
     """Batch-invariant act(input @ weight^T + bias): on the cpu backend every row is computed with the
     arithmetic ops.linear uses for a single row, so a row's result does not depend on the other rows.
     input (M, K) (last dim contiguous), weight (N, K), bias (N,) or None; activation "none", or GELU
-    "tanh" / "erf". Returns (M, N). (Belongs in fastlm/ops/linear.py; here until moved.)"""
+    "tanh" / "erf"; packed: linear_rowwise_pack(weight) or None (the same values, faster: see there).
+    Returns (M, N). (Belongs in fastlm/ops/linear.py; here until moved.)"""
     op = LINEAR_OP
     _checks.input_and_weight(op, input, weight)
     if activation not in ("none", "tanh", "erf"):
@@ -280,4 +296,6 @@ def linear_rowwise(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         _checks.same_dtype(op, "bias", bias, input)
     backend = backends.select(op, input.device, _linear_supports(input))
     x = input if input.stride(-1) == 1 else input.contiguous()
+    if backend == "cpu":
+        return kernel_impl(backend, "linear_rowwise_fwd", "")(x, weight, bias, activation, packed)
     return kernel_impl(backend, "linear_rowwise_fwd", "")(x, weight, bias, activation)

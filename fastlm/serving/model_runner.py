@@ -32,7 +32,8 @@ from fastlm.models.gpt2 import GPT2
 from fastlm.nn.quant_linear import QUANT_LINEARS
 from fastlm.ops.layer_norm import kernel as layer_norm_kernel
 from fastlm.ops.linear_argmax import linear_argmax
-from fastlm.ops.paged_attention import linear_rowwise, paged_attention_unchecked, paged_kv_write_unchecked
+from fastlm.ops.paged_attention import (linear_rowwise, linear_rowwise_pack, paged_attention_unchecked,
+                                        paged_kv_write_unchecked)
 
 
 class KVCache:
@@ -86,7 +87,7 @@ class ModelRunner:
     batch.logits_index, after writing every token's keys/values into the cache; logits(rows) -> (L, V);
     greedy(rows) -> argmax tokens."""
 
-    def __init__(self, model: GPT2, num_blocks: int, block_size: int):
+    def __init__(self, model: GPT2, num_blocks: int, block_size: int, pack_weights: bool = True):
         self.model = model
         c = model.config
         self.config = c
@@ -97,6 +98,7 @@ class ModelRunner:
         self.scale = 1.0 / math.sqrt(c.head_dim)
         self._ln = self._layer_norm_fn()
         self.use_head_screen = True      # greedy(): the int8-screened argmax where it applies
+        self._packed = self._pack_weights() if pack_weights else {}
 
     # ---- kernels, chosen once ----
 
@@ -124,14 +126,29 @@ class ModelRunner:
             return F.layer_norm(s, n, w, b, eps), s
         return ln
 
-    @staticmethod
-    def _proj(mod, x: Tensor, activation: str = "none") -> Tensor:
+    def _pack_weights(self) -> dict:
+        """{id(projection module): linear_rowwise_pack(weight)} for the blocks' fp32/fp16/bf16
+        projections, where the cpu kernel has a packed layout (AVX-512): their GEMM-speed path at
+        every row count, bit for bit the unpacked values. Costs the projections' size again in fp32
+        (GPT-2 small: 340 MB); ModelRunner(pack_weights=False) keeps only the model's weights."""
+        out = {}
+        for blk in self.model.blocks:
+            for mod in (blk.c_attn, blk.c_proj, blk.fc, blk.proj):
+                if not isinstance(mod, QUANT_LINEARS):
+                    p = linear_rowwise_pack(mod.weight.detach())
+                    if p is None:
+                        return {}
+                    out[id(mod)] = p
+        return out
+
+    def _proj(self, mod, x: Tensor, activation: str = "none") -> Tensor:
         """A projection: fp32/fp16/bf16 Linear weights through linear_rowwise (batch-invariant; GELU
-        fused when asked); a quantized module through its own forward."""
+        fused when asked; with the packed weight where there is one); a quantized module through its
+        own forward."""
         if isinstance(mod, QUANT_LINEARS):
             y = mod(x)
             return y if activation == "none" else F.gelu(y, approximate=activation)
-        return linear_rowwise(x, mod.weight, mod.bias, activation)
+        return linear_rowwise(x, mod.weight, mod.bias, activation, self._packed.get(id(mod)))
 
     def logits(self, x: Tensor) -> Tensor:
         """x (L, d) final hidden rows (forward's output) -> logits (L, V) in the model's dtype."""
