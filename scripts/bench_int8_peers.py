@@ -2,13 +2,13 @@
 every contender of every case once; the table gives the median over the rounds).
 
 - GPT-2 small (random weights, seed 0), greedy, batch 1 prompt 32 / 64 new and batch 8 prompt 64 / 32
-  new: fastlm int8 / bf16 / fp32 (fastlm.generate on the native GPT2) against CTranslate2 int8 / fp32
+  new: fastlm int8 / int8 a8 (W8A8: activations="int8") / bf16 / fp32 (fastlm.generate on the native GPT2) against CTranslate2 int8 / fp32
   (the same weights). tokens/s over the whole call (prefill included), and the decode step alone:
   (time(N new) - time(1 new)) / (N - 1).
 - The batch-1 int8 weight-read floor: the bytes a decode step must read (every int8 projection and
   the int8 head, their scales and biases) / the plain read bandwidth measured here in the same rounds
   (a 512 MB fp32 tensor's sum): fastlm's share of that floor.
-- MiniLM-L6 (real weights) inference at (1, 128) and (8, 128): fastlm's native Bert int8 / fp32
+- MiniLM-L6 (real weights) inference at (1, 128) and (8, 128): fastlm's native Bert int8 / int8 a8 / fp32
   against CTranslate2 int8 / fp32 and ONNX Runtime fp32.
 - bf16 weights against fp32 at batch-1 decode.
 
@@ -77,7 +77,9 @@ def main(argv=None) -> int:
     hf = quant_quality.gpt2_random()
     gpt = {"fastlm fp32": fastlm.models.GPT2.from_hf(hf),
            "fastlm int8": fastlm.models.GPT2.from_hf(hf, weights="int8"),
-           "fastlm bf16": fastlm.models.GPT2.from_hf(hf, weights="bf16")}
+           "fastlm bf16": fastlm.models.GPT2.from_hf(hf, weights="bf16"),
+           # W8A8: int8 activations for calls of 2+ rows (prefill, batched decode)
+           "fastlm int8 a8": fastlm.quantize(fastlm.models.GPT2.from_hf(hf), weights="int8", activations="int8")}
     cases = {}           # name -> {label: fn}
     meta = {}
     for B, P, N in ((1, 32, 64), (8, 64, 32)):
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
         meta[name] = dict(B=B, P=P, N=N)
     if not args.skip_minilm:
         mini, tok = quant_quality.minilm_hf()
-        nat = {"fastlm fp32": fastlm.models.Bert.from_hf(mini), "fastlm int8": fastlm.models.Bert.from_hf(mini, weights="int8")}
+        nat = {"fastlm fp32": fastlm.models.Bert.from_hf(mini), "fastlm int8": fastlm.models.Bert.from_hf(mini, weights="int8"),
+               "fastlm int8 a8": fastlm.quantize(fastlm.models.Bert.from_hf(mini), weights="int8", activations="int8")}
         for B, S in ((1, 128), (8, 128)):
             ids = torch.randint(1000, mini.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(B))
             mask = torch.ones_like(ids)
@@ -151,9 +154,10 @@ def main(argv=None) -> int:
                 lines.append(f"  {k:20s} {v['tok_s']:8.1f} tok/s  step {v['step_ms']:7.2f} ms  "
                              f"[1 new] {v['prefill_ms']:7.1f} ms  {agree[(c, k)]}")
             if "ctranslate2 int8" in row:
-                x = row["fastlm int8"]["tok_s"] / row["ctranslate2 int8"]["tok_s"]
-                row["int8 vs ctranslate2 int8"] = x
-                lines.append(f"  fastlm int8 / ctranslate2 int8: {x:.2f}x (target >= 1.3x)")
+                for k in ("fastlm int8", "fastlm int8 a8"):
+                    x = row[k]["tok_s"] / row["ctranslate2 int8"]["tok_s"]
+                    row[f"{k[7:]} vs ctranslate2 int8"] = x
+                    lines.append(f"  {k} / ctranslate2 int8: {x:.2f}x (target >= 1.3x)")
             if B == 1:
                 nbytes = step_bytes(gpt["fastlm int8"])
                 floor_ms = nbytes / (bw_med * 1e9) * 1e3
@@ -169,14 +173,15 @@ def main(argv=None) -> int:
             for k, v in d.items():
                 row[k] = {"ms": v * 1e3, "vs_fastlm_fp32": agree[(c, k)]}
                 lines.append(f"  {k:20s} {v * 1e3:8.2f} ms  {agree[(c, k)]}")
-            if "ctranslate2 int8" in d:
-                x = d["ctranslate2 int8"] / d["fastlm int8"]
-                row["int8 vs ctranslate2 int8"] = x
-                lines.append(f"  fastlm int8 / ctranslate2 int8: {x:.2f}x (target >= 1.3x)")
-            if "onnxruntime fp32" in d:
-                x = d["onnxruntime fp32"] / d["fastlm int8"]
-                row["int8 vs onnxruntime fp32"] = x
-                lines.append(f"  fastlm int8 / onnxruntime fp32: {x:.2f}x (target > 1)")
+            for k in ("fastlm int8", "fastlm int8 a8"):
+                if "ctranslate2 int8" in d:
+                    x = d["ctranslate2 int8"] / d[k]
+                    row[f"{k[7:]} vs ctranslate2 int8"] = x
+                    lines.append(f"  {k} / ctranslate2 int8: {x:.2f}x (target >= 1.3x)")
+                if "onnxruntime fp32" in d:
+                    x = d["onnxruntime fp32"] / d[k]
+                    row[f"{k[7:]} vs onnxruntime fp32"] = x
+                    lines.append(f"  {k} / onnxruntime fp32: {x:.2f}x (target > 1)")
         res["cases"][c] = row
     print(f"\nplain read bandwidth (median of {len(bw)}): {bw_med:.1f} GB/s; medians of {args.rounds} interleaved rounds")
     print("\n".join(lines))

@@ -677,3 +677,28 @@ def test_sigterm_drains(chat_srv):
     assert chat_srv.proc.wait(30) == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(chat_srv.url + "/health", timeout=2)
+
+
+def test_build_state_quantized_activations():
+    """`--weights int8 --activations int8` serves the W8A8 model (in-process build, no server);
+    --activations without --weights int8 is refused."""
+    import argparse
+
+    from fastlm.nn.quant_linear import Int8Linear
+    from fastlm.serving import cli as serving_cli
+
+    p = argparse.ArgumentParser()
+    serving_cli.add_parser(p.add_subparsers(dest="cmd"))
+    args = p.parse_args(["serve", "--random", "tiny", "--weights", "int8", "--activations", "int8", "--no-warmup"])
+    state = serving_cli.build_state(args)
+    blk = state.engine.model.blocks[0]
+    assert isinstance(blk.fc, Int8Linear) and blk.fc.activations == "int8"
+    eng = state.engine
+    eng.add_request([1, 2, 3, 4], fastlm.SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.add_request([5, 6], fastlm.SamplingParams(max_tokens=3, ignore_eos=True))
+    done = []
+    while eng.has_unfinished():
+        done += [o for o in eng.step() if o.finished]
+    assert sorted(o.num_output_tokens for o in done) == [3, 4]
+    with pytest.raises(SystemExit, match="--weights int8"):
+        serving_cli.build_state(p.parse_args(["serve", "--random", "tiny", "--activations", "int8", "--no-warmup"]))

@@ -53,6 +53,8 @@ def add_parser(subparsers):
                      "(token-id prompts; text as UTF-8 bytes)")
     p.add_argument("--seed", type=int, default=0, help="--random: the weights' seed")
     p.add_argument("--weights", choices=WEIGHTS, default="fp32", help="int8 / bf16 weights (fastlm.quantize)")
+    p.add_argument("--activations", choices=["int8"], default=None,
+                   help="with --weights int8: int8 activations too (W8A8 GEMMs for prefill and batched decode)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -106,12 +108,14 @@ def build_state(args):
             raise SystemExit(f"fastlm serve: --{name.replace('_', '-')} must be >= 1")
     if args.max_queue is not None and args.max_queue < 0:
         raise SystemExit("fastlm serve: --max-queue must be >= 0")
+    if args.activations is not None and args.weights != "int8":
+        raise SystemExit("fastlm serve: --activations int8 needs --weights int8")
     kind = "gpt2" if args.random else _model_type(args.model)
     name = args.served_model_name or (args.random if args.random else os.path.basename(os.path.normpath(args.model)))
     if kind == "bert":
         from fastlm.serving.embeddings import EmbeddingBatcher, EmbeddingModel
 
-        em = EmbeddingModel(args.model, device=device, weights=args.weights)
+        em = EmbeddingModel(args.model, device=device, weights=args.weights, activations=args.activations)
         state = ServerState(embedder=EmbeddingBatcher(em, max_batch_tokens=args.max_embedding_batch_tokens),
                             served_model_name=name, model_path=args.model)
         state.embedder.metrics = state.metrics
@@ -132,7 +136,7 @@ def build_state(args):
         model = fastlm.models.GPT2.from_hf(args.model, device=device)
         tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     if args.weights != "fp32":
-        model = fastlm.quantize(model, weights=args.weights)
+        model = fastlm.quantize(model, weights=args.weights, activations=args.activations)
     eos = tokenizer.eos_token_id
     if eos is not None and not 0 <= eos < model.config.vocab_size:
         eos = None

@@ -84,7 +84,8 @@ class EmbeddingModel:
     """A fastlm Bert + its tokenizer + its pooling. `embed(list of id lists)` -> (B, H) fp32 (one padded
     forward)."""
 
-    def __init__(self, path: str, device: str = "cpu", weights: Optional[str] = None):
+    def __init__(self, path: str, device: str = "cpu", weights: Optional[str] = None,
+                 activations: Optional[str] = None):
         from fastlm.models import Bert
         from fastlm.serving.tokenizer import HFTokenizer
 
@@ -94,7 +95,7 @@ class EmbeddingModel:
         if weights not in (None, "fp32"):
             import fastlm
 
-            fastlm.quantize(self.model, weights=weights)
+            fastlm.quantize(self.model, weights=weights, activations=activations)
         self.tokenizer = HFTokenizer(path)
         self.pooling = read_pooling_config(path)
         s = self.model.settings
