@@ -63,7 +63,7 @@ def add_parser(subparsers):
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step at most")
     p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache pool size (default: room for "
-                   "max-num-seqs full-length sequences, capped at 512 MB)")
+                   "max-num-seqs full-length sequences, capped at 2048 MB)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
