@@ -497,8 +497,8 @@ at::Tensor linear_rowwise_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
 
 at::Tensor linear_rowwise_pack_cpu(const at::Tensor& weight) {
   check_rows(weight, "linear_rowwise_pack", "weight");
-  const int64_t N = weight.size(0), K = weight.size(1);
 #if defined(__x86_64__) || defined(_M_X64)
+  const int64_t N = weight.size(0), K = weight.size(1);
   if (!cpu_use_avx512()) return at::empty({0}, weight.options().dtype(at::kFloat));   // AVX2: no packed kernel
   at::Tensor wc = weight.contiguous();
   at::Tensor P = at::empty(packed_shape(N, K), weight.options().dtype(at::kFloat));
