@@ -268,9 +268,16 @@ FASTLM_PA512 void paged_block512(const float* kp, const float* vp, const int32_t
   for (int r = 0; r < R; ++r) {
     float* s = S + r * ld;
     const int64_t L = lens[r];
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < L; ++j) m = s[j] > m ? s[j] : m;   // NaN skipped here, propagates in exp
-    if (m == -std::numeric_limits<float>::infinity()) m = 0.f;
+    // max over the row, NaN skipped (vmaxps returns its second operand when either is NaN); exact
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t j = 0;
+    for (; j + 16 <= L; j += 16) mx = _mm512_max_ps(_mm512_loadu_ps(s + j), mx);
+    if (j < L) {
+      const __mmask16 k = __mmask16((1u << (L - j)) - 1);
+      mx = _mm512_mask_max_ps(mx, k, _mm512_maskz_loadu_ps(k, s + j), mx);
+    }
+    float m = _mm512_reduce_max_ps(mx);
+    if (m == -std::numeric_limits<float>::infinity()) m = 0.f;   // all -inf (or NaN): exp gives 0 (NaN)
     inv[r] = 1.f / exp_sum512(s, m, L);
   }
   // P V: tiles of RB rows over the keys all of them see, then each row's own tail
