@@ -432,6 +432,86 @@ inline void scale_row(float* x, float a, int64_t n) {  // n a multiple of kV
   for (int64_t c = 0; c < n; c += kV) (fVec::loadu(x + c) * va).store(x + c);
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// exp(x) on 8 fp32 lanes for softmax arguments (x <= 0): exp512's Cody-Waite reduction and degree-6
+// polynomial, scaled by 2^n through the exponent bits (2^n for n < -126 flushed to 0, where exp512
+// keeps the subnormal); a NaN lane stays NaN (vmaxps returns its second operand, x, on NaN).
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  const __m256i ok = _mm256_cmpgt_epi32(e, _mm256_setzero_si256());   // NaN: cvt gives INT_MIN, not ok
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(e, 23), ok)));
+}
+
+inline float hmax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// softmax_step512 on 8-lane AVX2 vectors (the path of CPUs without AVX-512): one pass over a row's
+// kBK scores in registers (NaN check, max), then exp256 and the sum, the O row rescaled when the
+// max moved. Measured 1 thread, (4,12,512,64) forward with FASTLM_CPU_NO_AVX512=1, interleaved
+// runs: 44.7-46.7 -> 41.6-43.2 ms (the scalar NaN scan and the separate max / exp passes it replaces).
+void softmax_step256(float* S, int64_t bq, float* m, float* l, float* O, int64_t ldo, int64_t Dv) {
+  static_assert(kBK % 8 == 0, "kBK must be a multiple of 8");
+  constexpr int NB = kBK / 8;
+  for (int64_t r = 0; r < bq; ++r) {
+    float* srow = S + r * kBK;
+    __m256 x[NB];
+    __m256 mx = _mm256_set1_ps(kNegInf);
+    __m256 nan = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int v = 0; v < NB; ++v) {
+      x[v] = _mm256_loadu_ps(srow + v * 8);
+      mx = _mm256_max_ps(mx, x[v]);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(x[v], x[v], _CMP_UNORD_Q));
+    }
+    if (_mm256_movemask_ps(nan)) {  // a NaN score (NaN in the inputs): the row is NaN, as in torch
+      nan_row(srow, kBK, m[r], l[r]);
+      continue;
+    }
+    const float m_new = std::max(m[r], hmax256(mx));
+    if (m_new == kNegInf) {  // nothing seen yet in this row: P = 0
+#pragma GCC unroll 8
+      for (int v = 0; v < NB; ++v) _mm256_storeu_ps(srow + v * 8, _mm256_setzero_ps());
+      continue;
+    }
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 sum = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int v = 0; v < NB; ++v) {
+      const __m256 e = exp256(_mm256_sub_ps(x[v], vm));
+      _mm256_storeu_ps(srow + v * 8, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - m_new);
+    if (alpha != 1.f) scale_row(O + r * ldo, alpha, Dv);   // Dv (Dvp) a multiple of 8
+    l[r] = l[r] * alpha + hsum256(sum);
+    m[r] = m_new;
+  }
+}
+#endif
+
 // ------------------------------------------ forward ------------------------------------------
 
 template <typename T>
@@ -487,6 +567,11 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
 #if defined(FASTLM_ATTN_AVX512)
         if (avx512) {
           softmax_step512(S.data(), bq, m.data(), l.data(), O.data(), s.Dvp, s.Dvp);
+        } else
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+        if (kV == 8) {
+          softmax_step256(S.data(), bq, m.data(), l.data(), O.data(), s.Dvp, s.Dvp);
         } else
 #endif
         {

@@ -174,7 +174,17 @@ def linear_int8(input: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Te
 
     input: (*, K) float; qweight: (N, K) int8; scale: (N,) float32 per output channel, or (N, G)
     float32 per group of K / G consecutive inputs; bias: (N,) in input's dtype or None. Returns (*, N)."""
-    op = OP
+    x2, q, s, b = quantized_call(OP, input, qweight, scale, bias)
+    if eager_inference(x2, b):
+        y = _run(x2, q, s, b)          # inference: the chosen backend directly (no custom-op wrapper)
+    else:
+        y = linear_int8_fwd(x2, q, s, b)
+    return y.view(*input.shape[:-1], qweight.shape[0])
+
+
+def quantized_call(op: str, input: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]):
+    """The argument checks of the int8-weight linears (linear_int8, linear_w8a8) -> (input as (M, K)
+    rows, qweight, scale, bias), each contiguous."""
     _checks.tensor(op, "input", input)
     check_quantized(op, qweight, scale, input.shape[-1] if input.dim() else None)
     if input.dim() == 0:
@@ -185,16 +195,11 @@ def linear_int8(input: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Te
         _checks.shape(op, "bias", bias, (qweight.shape[0],))
         _checks.same_device(op, "bias", bias, input)
         _checks.same_dtype(op, "bias", bias, input)
-    K, N = qweight.shape[1], qweight.shape[0]
-    x2 = _checks.rows(input, K)
+    x2 = _checks.rows(input, qweight.shape[1])
     q = qweight if qweight.is_contiguous() else qweight.contiguous()
     s = scale if scale.is_contiguous() else scale.contiguous()
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
-    if eager_inference(x2, b):
-        y = _run(x2, q, s, b)          # inference: the chosen backend directly (no custom-op wrapper)
-    else:
-        y = linear_int8_fwd(x2, q, s, b)
-    return y.view(*input.shape[:-1], N)
+    return x2, q, s, b
 
 
 def linear_bf16w(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 
 from fastlm import _ext, backends
-from fastlm.ops import _checks
 from fastlm.ops._impl import eager_inference
-from fastlm.ops.linear_int8 import check_quantized, dequantize_int8_ref
+from fastlm.ops.linear_int8 import dequantize_int8_ref, quantized_call
 from fastlm.ops.reference import linear_w8a8_fwd_ref
 
 OP = "linear_w8a8"
@@ -115,26 +114,13 @@ def linear_w8a8(input: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Te
     linear_w8a8_pack(qweight) or None (then each call packs the weight itself). Returns (*, N) in
     input's dtype."""
     op = OP
-    _checks.tensor(op, "input", input)
-    check_quantized(op, qweight, scale, input.shape[-1] if input.dim() else None)
+    x2, q, s, b = quantized_call(op, input, qweight, scale, bias)
     if scale.dim() != 1:
         raise ValueError(f"fastlm.ops.{op}: scale must have shape ({qweight.shape[0]},) (per output channel): "
                          f"W8A8 takes no per-group scales, got {tuple(scale.shape)}; quantize with group_size=None")
-    if input.dim() == 0:
-        raise ValueError(f"fastlm.ops.{op}: input must have at least one dimension")
-    _checks.same_device(op, "qweight", qweight, input)
-    if bias is not None:
-        _checks.tensor(op, "bias", bias)
-        _checks.shape(op, "bias", bias, (qweight.shape[0],))
-        _checks.same_device(op, "bias", bias, input)
-        _checks.same_dtype(op, "bias", bias, input)
     if packed is not None and (not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1):
         raise TypeError(f"fastlm.ops.{op}: packed must be linear_w8a8_pack(qweight) (a 1-D uint8 tensor) or None")
-    K, N = qweight.shape[1], qweight.shape[0]
-    x2 = _checks.rows(input, K)
-    q = qweight if qweight.is_contiguous() else qweight.contiguous()
-    s = scale if scale.is_contiguous() else scale.contiguous()
-    b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    N = qweight.shape[0]
     if eager_inference(x2, b):
         y = _run(x2, q, s, b, packed)  # inference: the chosen backend directly (no custom-op wrapper)
     else:
