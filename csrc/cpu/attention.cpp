@@ -11,9 +11,10 @@
 // worker converts K^T and V of its task's (b, kv head) to fp32 panels when the head changes (tasks are
 // (b, h)-major, so the panels stay in that core's L2). Per kBK-key block: S = Q K^T (register-blocked
 // fp32 GEMM: AVX-512 when the CPU has it, chosen at run time, else AVX2), online softmax (running max
-// m, sum l, rescaled output accumulator; AVX-512 exp), O += P V. Key blocks above the causal diagonal
-// are skipped, and so are key blocks a row-independent mask (a (B, 1, 1, Sk) key-padding mask, read
-// through its stride-0 broadcast) masks fully. Memory O(S), never S x S.
+// m, sum l, rescaled output accumulator; one register pass per row with exp512 / exp256), O += P V.
+// Key blocks above the causal diagonal are skipped, and so are key blocks a row-independent mask (a
+// (B, 1, 1, Sk) key-padding mask, read through its stride-0 broadcast) masks fully. Memory O(S),
+// never S x S.
 // Backward (FlashAttention-2 style, recomputing P from the saved logsumexp): at::parallel_for over
 // (batch, kv head); the task owns dK, dV of its kv head and dQ of the heads of its group, all in
 // fp32, so no atomics and a schedule-independent result. Per (key block, query block):
