@@ -1,6 +1,7 @@
 """Measure issue 13's serving targets once, on CPU with GPT-2 small fp32 (random weights):
 
   python scripts/bench_serve_targets.py [--only throughput|overhead|prefix] [--requests 64] [--threads N] [--skip-hf]
+                                       [--weights fp32|int8|bf16] [--activations int8]
 
 - throughput: the all-at-once trace of 64 requests (prompts 32-512, outputs 16-128, seed 0): output
   tokens/s of fastlm.Engine vs static batching with fastlm.generate (batches of 8 in arrival order) vs
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -106,11 +108,17 @@ def main():
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true", help="throughput: no HF generate per request (the slow one)")
+    ap.add_argument("--weights", choices=["fp32", "int8", "bf16"], default="fp32",
+                    help="fastlm.quantize the native model (engine and static generate) first")
+    ap.add_argument("--activations", choices=["int8"], default=None, help="with --weights int8: W8A8")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastlm {fastlm.__version__}", flush=True)
     hf, native = cs.models(cs.SMALL, torch.device("cpu"), torch.float32)
+    if a.weights != "fp32":
+        native = fastlm.quantize(copy.deepcopy(native), weights=a.weights, activations=a.activations)
+        print(f"native model: weights {a.weights}, activations {a.activations or 'fp32'}", flush=True)
     if a.only in (None, "overhead"):
         overhead(native)
     if a.only in (None, "prefix"):
