@@ -155,6 +155,15 @@ def _check_weights(weights: str | None, command: str) -> str | None:
     return None
 
 
+def _check_activations(args, command: str) -> str | None:
+    """None if `--activations` can be honoured (absent, or int8 with --weights int8), else the error."""
+    if getattr(args, "activations", None) is None:
+        return None
+    if (getattr(args, "weights", None) or "fp32") != "int8":
+        return f"fastlm {command}: --activations int8 needs --weights int8"
+    return None
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -165,7 +174,7 @@ def cmd_bench(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("fastlm bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    err = _check_weights(args.weights, "bench")
+    err = _check_weights(args.weights, "bench") or _check_activations(args, "bench")
     if err:
         print(err, file=sys.stderr)
         return 2
@@ -180,7 +189,7 @@ def cmd_bench(args) -> int:
     failed = []
     for suite in suites:
         run = run_suite(suite, device, dtype, quick=args.quick, names=args.filter, console=console,
-                        weights=args.weights or "fp32")
+                        weights=args.weights or "fp32", activations=getattr(args, "activations", None))
         if not run["cases"]:
             print(f"fastlm bench --suite {suite}: no cases on {device}" + (f" matching {args.filter!r}" if args.filter
                                                                            else ""))
@@ -191,6 +200,7 @@ def cmd_bench(args) -> int:
             env = run["environment"]
             name = (env.get("gpu") or env["cpu"] or "cpu").replace(" ", "-").replace("/", "-")
             w = "" if (args.weights or "fp32") == "fp32" else f"-{args.weights}"
+            w += "-a8" if getattr(args, "activations", None) else ""
             stem = f"{name}-{env['date'][:10]}-{suite}-{run['dtype']}{w}{'-quick' if args.quick else ''}"
             for p in report.write_outputs(run, args.out, stem):
                 print(f"wrote {p}")
@@ -343,21 +353,22 @@ def cmd_tune(args) -> int:
 # ---------------------------------------------------------------- fastlm generate --weights
 
 @contextlib.contextmanager
-def _quantized_models(generation, weights: str):
+def _quantized_models(generation, weights: str, activations: str | None = None):
     """Until fastlm.generation.cli_main takes `weights` itself: the GPT2 it builds (GPT2.from_hf /
     GPT2.random, looked up in its module namespace) comes back fastlm.quantize'd."""
     import fastlm
 
     orig = generation.GPT2
+    kw = {"weights": weights} if activations is None else {"weights": weights, "activations": activations}
 
     class _Quantized:
         @staticmethod
         def from_hf(*a, **k):
-            return fastlm.quantize(orig.from_hf(*a, **k), weights=weights)
+            return fastlm.quantize(orig.from_hf(*a, **k), **kw)
 
         @staticmethod
         def random(*a, **k):
-            return fastlm.quantize(orig.random(*a, **k), weights=weights)
+            return fastlm.quantize(orig.random(*a, **k), **kw)
 
         def __getattr__(self, name):  # pragma: no cover - anything else: the real class
             return getattr(orig, name)
@@ -374,14 +385,14 @@ def cmd_generate(args, generation) -> int:
         print("fastlm generate: the generation engine is not available in this build", file=sys.stderr)
         return 2
     weights = getattr(args, "weights", None) or "fp32"
-    err = _check_weights(weights, "generate")
+    err = _check_weights(weights, "generate") or _check_activations(args, "generate")
     if err:
         print(err, file=sys.stderr)
         return 2
     code = getattr(generation.cli_main, "__code__", None)
     if weights == "fp32" or (code is not None and "weights" in code.co_names):   # it reads args.weights itself
         return generation.cli_main(args) or 0
-    with _quantized_models(generation, weights):
+    with _quantized_models(generation, weights, getattr(args, "activations", None)):
         return generation.cli_main(args) or 0
 
 
@@ -410,6 +421,8 @@ def build_parser():
                    help="default: bfloat16 on cuda, float32 on cpu")
     b.add_argument("--weights", choices=WEIGHTS, default="fp32",
                    help="weights of the fastlm models in the models/generate suites (fastlm.quantize)")
+    b.add_argument("--activations", choices=["int8"], default=None,
+                   help="with --weights int8: int8 activations too (W8A8 for calls of 2+ rows)")
     b.add_argument("--filter", default=None, help="only cases whose name contains this text")
     b.add_argument("--out", default=None, help="write JSON, markdown and PNG here")
     t = sub.add_parser("tune", help="pre-tune the measured auto for a model's shapes (a service starts warm)")
@@ -433,6 +446,9 @@ def build_parser():
         generation.add_cli_arguments(g)
     if not any("--weights" in a.option_strings for a in g._actions):
         g.add_argument("--weights", choices=WEIGHTS, default="fp32", help="int8 / bf16 weights (fastlm.quantize)")
+    if not any("--activations" in a.option_strings for a in g._actions):
+        g.add_argument("--activations", choices=["int8"], default=None,
+                       help="with --weights int8: int8 activations too (W8A8 for prefill and batched decode)")
     serving_cli = _serving_cli()
     if serving_cli is not None:
         serving_cli.add_parser(sub)

@@ -199,6 +199,25 @@ def test_bench_suite_choices():
         parser.parse_args(["bench", "--weights", "int4"])
 
 
+def test_bench_activations(monkeypatch, capsys):
+    # --activations int8 needs --weights int8; with it, the suites' fastlm models are quantized W8A8
+    assert cli.main(["bench", "--quick", "--suite", "models", "--activations", "int8"]) == 2
+    assert "--activations int8 needs --weights int8" in capsys.readouterr().err
+    from fastlm.bench import common
+
+    calls = []
+    monkeypatch.setattr(fastlm, "quantize", lambda m, **kw: calls.append(kw) or m, raising=False)
+    common.set_weights("int8", "int8")
+    try:
+        model = object()
+        assert common.apply_weights(model) is model and calls == [{"weights": "int8", "activations": "int8"}]
+        with pytest.raises(ValueError, match="activations"):
+            common.set_weights("bf16", "int8")
+    finally:
+        common.set_weights("fp32")
+    assert common.activations() is None
+
+
 # ---------------------------------------------------------------- generate --weights, serve
 
 def test_generate_weights(monkeypatch, capsys):
@@ -221,6 +240,12 @@ def test_generate_weights(monkeypatch, capsys):
     assert generation.GPT2 is fastlm.models.GPT2                  # restored after the call
     calls.clear()
     assert cli.main(["generate", "--random", "gpt2"]) == 0 and calls == []      # fp32: untouched
+    assert cli.main(["generate", "--random", "gpt2", "--activations", "int8"]) == 2    # needs --weights int8
+    assert "needs --weights int8" in capsys.readouterr().err
+    kws = []
+    monkeypatch.setattr(fastlm, "quantize", lambda m, **kw: kws.append(kw) or m, raising=False)
+    assert cli.main(["generate", "--random", "gpt2", "--weights", "int8", "--activations", "int8"]) == 0
+    assert kws == [{"weights": "int8", "activations": "int8"}]
 
 
 def test_serve_is_wired_through_serving_cli(monkeypatch):

@@ -27,31 +27,40 @@ def bench_backends(op: str, device: torch.device) -> list[str]:
 
 # The weights the fastlm models of the models/generate suites run with (`fastlm bench --weights`).
 WEIGHTS_CHOICES = ("fp32", "bf16", "int8")
-_weights = ["fp32"]
+_weights = ["fp32", None]            # weights, activations (None, or "int8" with int8 weights: W8A8)
 
 
-def set_weights(weights: str) -> None:
+def set_weights(weights: str, activations: str | None = None) -> None:
     if weights not in WEIGHTS_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHTS_CHOICES}, got {weights!r}")
-    _weights[0] = weights
+    if activations not in (None, "int8") or (activations is not None and weights != "int8"):
+        raise ValueError(f"activations must be None, or 'int8' with int8 weights; got {activations!r} "
+                         f"with weights {weights!r}")
+    _weights[:] = [weights, activations]
 
 
 def weights() -> str:
     return _weights[0]
 
 
-def quantize_or_error(model, weights: str):
-    """fastlm.quantize(model, weights=...) in place; a clear error where this build has no fastlm.quantize."""
+def activations() -> str | None:
+    return _weights[1]
+
+
+def quantize_or_error(model, weights: str, activations: str | None = None):
+    """fastlm.quantize(model, weights=..., activations=...) in place; a clear error where this build has
+    no fastlm.quantize."""
     quantize = getattr(fastlm, "quantize", None)
     if quantize is None:
         raise RuntimeError(f"--weights {weights}: this fastlm build has no fastlm.quantize (int8/bf16 weights)")
-    return quantize(model, weights=weights)
+    return quantize(model, weights=weights) if activations is None else \
+        quantize(model, weights=weights, activations=activations)
 
 
 def apply_weights(model):
     """The fastlm model with the run's weights: unchanged for fp32, else fastlm.quantize'd."""
     w = weights()
-    return model if w == "fp32" else quantize_or_error(model, w)
+    return model if w == "fp32" else quantize_or_error(model, w, activations())
 
 
 def max_err(out: torch.Tensor, oracle: torch.Tensor) -> float:

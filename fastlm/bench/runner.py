@@ -143,10 +143,10 @@ def failures(run: dict) -> list[str]:
 
 
 def run_suite(suite: str, device: str, dtype: torch.dtype, quick: bool = False, names: str | None = None,
-              console=None, weights: str = "fp32") -> dict:
+              console=None, weights: str = "fp32", activations: str | None = None) -> dict:
     from fastlm.bench import common
 
-    common.set_weights(weights)
+    common.set_weights(weights, activations)
     dev = torch.device(device)
     selected = registry.cases(suite, dev.type, quick, dtype)
     if names:
@@ -174,4 +174,5 @@ def run_suite(suite: str, device: str, dtype: torch.dtype, quick: bool = False, 
             print(f"... {case.name}", flush=True)
             rows.append(run_case(case, dev, dtype, peaks, quick))
     return {"environment": environment(dev), "suite": suite, "quick": quick, "dtype": str(dtype).replace("torch.", ""),
-            "weights": weights, "peaks": peaks, "cases": rows}
+            "weights": weights if activations is None else f"{weights} (activations {activations})", "peaks": peaks,
+            "cases": rows}

@@ -15,8 +15,8 @@ accumulate in fp32; the output is in the input's dtype (activations are never qu
   registers (interpreter-checked; not yet run on a GPU).
 - "cuda" (csrc/cuda/linear_int8.cu): a GEMV for few rows (compile-checked; not yet run on a GPU).
 - "reference": the math below in fp32 (fp64 for fp64 inputs).
-A "torch" backend (F.linear on the dequantized weight) plugs into `_impl` and the register_op tuple
-below once fastlm.backends knows it.
+- "torch": F.linear in the input's dtype on the weight dequantized to it (torch has no int8 linear):
+  what forced torch / fastlm:torch runs, and the answer where no fastlm kernel takes the call.
 
 Autograd: w.r.t. input (dx = dy @ W_deq) and bias (db = sum of dy's rows); the quantized weight and
 its scale are constants (no gradient).
@@ -68,12 +68,12 @@ OP = "linear_int8"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FEW_ROWS = 16          # the CUDA GEMV's row bound
 _CPU_FEW_ROWS = 64      # the C++ kernel's few-row bound (csrc/cpu/linear_int8.cpp kFewRows)
-backends.register_op(OP, ("reference", "cpu", "cuda", "triton"), cpp_ops=("linear_int8_fwd",))
+backends.register_op(OP, ("torch", "reference", "cpu", "cuda", "triton"), cpp_ops=("linear_int8_fwd",))
 
 
 def _supports(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]):
     def check(backend: str) -> str | None:
-        if backend == "reference":
+        if backend in ("reference", "torch"):
             return None
         if x.dtype not in _KERNEL_DTYPES:
             return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
@@ -104,7 +104,13 @@ def _impl(backend: str):
     if backend == "triton":
         from fastlm.kernels.linear_int8 import linear_int8_fwd as triton_fwd
         return triton_fwd
+    if backend == "torch":
+        return _torch
     return linear_int8_fwd_ref
+
+
+def _torch(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return linear_int8_fwd_ref(x, qweight, scale, bias, upcast=False)
 
 
 def _run(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
