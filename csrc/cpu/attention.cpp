@@ -434,27 +434,6 @@ inline void scale_row(float* x, float a, int64_t n) {  // n a multiple of kV
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// exp(x) on 8 fp32 lanes for softmax arguments (x <= 0): exp512's Cody-Waite reduction and degree-6
-// polynomial, scaled by 2^n through the exponent bits (2^n for n < -126 flushed to 0, where exp512
-// keeps the subnormal); a NaN lane stays NaN (vmaxps returns its second operand, x, on NaN).
-inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720.f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  const __m256i ok = _mm256_cmpgt_epi32(e, _mm256_setzero_si256());   // NaN: cvt gives INT_MIN, not ok
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(e, 23), ok)));
-}
-
 inline float hmax256(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));

@@ -195,25 +195,22 @@ constexpr int64_t kPackedMinRows = 512, kPackRows = 96;
 struct ChainLayout {
   int64_t kc, steps;   // kc = K / 32 full 32-k steps; steps = kc + 2 (lanes of chain 0 add two tail steps)
   explicit ChainLayout(int64_t K) : kc(K / 32), steps(K / 32 + 2) {}
-  // the k of lane chain c (0..31) at step i, or -1 (no such step / past K)
-  int64_t k(int c, int64_t i, int64_t K) const {
-    if (i < kc) return 32 * i + c;
-    if (c >= 16) return -1;
-    const int64_t k = 32 * kc + c + 16 * (i - kc);
-    return k < K ? k : -1;
-  }
   int64_t steps_of(int c) const { return c < 16 ? steps : kc; }
   int64_t size() const { return 32 * steps; }   // floats per packed row / column
 };
 
-// dst[c * steps + i] = src[k(c, i)] (0 where none), src a row of K values.
+// dst[c * cstride + i * stride] = the value of lane chain c (0..31) at step i, from a row src of K
+// values: step i < kc holds k = 32 i + c; the two tail steps hold k = 32 kc + c and 32 kc + 16 + c
+// for c < 16 (0 past K), nothing (0) for c >= 16.
 template <typename T>
-void pack_chain_row(const T* src, int64_t K, const ChainLayout& L, float* dst, int64_t stride /* between i */,
-                    int64_t cstride /* between c */) {
-  for (int c = 0; c < 32; ++c)
-    for (int64_t i = 0; i < L.steps; ++i) {
-      const int64_t k = L.k(c, i, K);
-      dst[c * cstride + i * stride] = k < 0 ? 0.f : static_cast<float>(src[k]);
+void pack_chain_row(const T* src, int64_t K, const ChainLayout& L, float* dst, int64_t stride,
+                    int64_t cstride) {
+  for (int64_t i = 0; i < L.kc; ++i)
+    for (int c = 0; c < 32; ++c) dst[c * cstride + i * stride] = static_cast<float>(src[32 * i + c]);
+  for (int t = 0; t < 2; ++t)
+    for (int c = 0; c < 32; ++c) {
+      const int64_t k = 32 * L.kc + 16 * t + c;
+      dst[c * cstride + (L.kc + t) * stride] = c < 16 && k < K ? static_cast<float>(src[k]) : 0.f;
     }
 }
 

@@ -71,14 +71,23 @@ _CPU_FEW_ROWS = 64      # the C++ kernel's few-row bound (csrc/cpu/linear_int8.c
 backends.register_op(OP, ("torch", "reference", "cpu", "cuda", "triton"), cpp_ops=("linear_int8_fwd",))
 
 
+def kernel_reason(backend: str, x: Tensor, bias: Optional[Tensor]) -> str | None:
+    """Why a kernel backend of the int8-weight linears (linear_int8, linear_w8a8) cannot take x / bias
+    (None: it can; torch and reference take anything)."""
+    if backend in ("reference", "torch"):
+        return None
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
+    if bias is not None and bias.dtype != x.dtype:
+        return "bias dtype differs from the input's"
+    return None
+
+
 def _supports(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]):
     def check(backend: str) -> str | None:
-        if backend in ("reference", "torch"):
-            return None
-        if x.dtype not in _KERNEL_DTYPES:
-            return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
-        if bias is not None and bias.dtype != x.dtype:
-            return "bias dtype differs from the input's"
+        why = kernel_reason(backend, x, bias)
+        if why is not None or backend in ("reference", "torch"):
+            return why
         if backend in ("cuda", "triton") and scale.dim() != 1:
             return "per-group scales (the GPU kernels take per-channel scales)"
         if backend == "cuda" and x.shape[0] > _FEW_ROWS:

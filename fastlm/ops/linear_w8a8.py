@@ -27,26 +27,17 @@ from torch import Tensor
 
 from fastlm import _ext, backends
 from fastlm.ops._impl import eager_inference
-from fastlm.ops.linear_int8 import dequantize_int8_ref, quantized_call
+from fastlm.ops.linear_int8 import dequantize_int8_ref, kernel_reason, quantized_call
 from fastlm.ops.reference import linear_w8a8_fwd_ref
 
 OP = "linear_w8a8"
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # "torch": the same integer math in torch ops (reference.linear_w8a8_fwd_ref; torch has no W8A8 op) --
 # what forced torch / fastlm:torch runs, and where no fastlm kernel takes the call.
 backends.register_op(OP, ("torch", "reference", "cpu"), cpp_ops=("linear_w8a8_fwd", "linear_w8a8_pack"))
 
 
 def _supports(x: Tensor, bias: Optional[Tensor]):
-    def check(backend: str) -> str | None:
-        if backend in ("reference", "torch"):
-            return None
-        if x.dtype not in _KERNEL_DTYPES:
-            return f"dtype {x.dtype} (kernels take float32, float16, bfloat16)"
-        if bias is not None and bias.dtype != x.dtype:
-            return "bias dtype differs from the input's"
-        return None
-    return check
+    return lambda backend: kernel_reason(backend, x, bias)
 
 
 def _impl(backend: str):
