@@ -278,6 +278,54 @@ def test_cpp_layer_loop_matches_python_loop(hf_small, monkeypatch, B):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("B,activations,group_size", [(1, None, None), (3, None, None), (3, None, 16),
+                                                       (1, "int8", None), (4, "int8", None)])
+def test_cpp_layer_loop_quantized_matches_python_loop(hf_small, monkeypatch, B, activations, group_size):
+    """A fastlm.quantize'd model's decode step takes decode_layers with the int8 projections (W8A32
+    linear_int8_fwd; W8A8 linear_w8a8_fwd at 2+ rows): logits and cache bit for bit the Python loop's."""
+    model = fastlm.quantize(GPT2.from_hf(hf_small), weights="int8", group_size=group_size, activations=activations)
+    ids = torch.randint(1, hf_small.config.vocab_size, (B, 11))
+    calls = []
+    real = torch.ops.fastlm_C.decode_layers
+    monkeypatch.setattr(torch.ops.fastlm_C, "decode_layers", lambda *a: calls.append(len(a[2])) or real(*a))
+    runs = []
+    with fastlm.use_backend("cpu"):        # every op on its C++ kernel (auto may pick torch at these sizes)
+        for fused in ("1", "0"):
+            monkeypatch.setenv("FASTLM_DECODE_LAYERS", fused)
+            cache = model.new_cache(B, 20)
+            logits = [model.prefill(ids, cache)]
+            for _ in range(5):
+                logits.append(model.decode_step(logits[-1].argmax(-1), cache))
+            n = int(cache.lengths.max())
+            runs.append((torch.stack(logits), cache.k[:, :, :, :n].clone(), cache.v[:, :, :, :n].clone()))
+    per_layer = 20 if activations and B > 1 else 16
+    assert calls == [per_layer * len(model.blocks)] * 5       # the fused run only, every step
+    for a, b in zip(*runs):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_cpp_layer_loop_checks_quantized_inputs(hf_small):
+    model = fastlm.quantize(GPT2.from_hf(hf_small), weights="int8")
+    cache = model.new_cache(2, 8)
+    x = h = torch.randn(2, hf_small.config.n_embd)
+    w = model._quant_layer_weights(x, model._quant_linear(x))
+    assert w is not None and len(w) == 16 * len(model.blocks)
+    idx, lens = cache.step_index(), cache.next_lengths()
+    eps = [1e-5] * (2 * len(model.blocks))
+    op = torch.ops.fastlm_C.decode_layers
+    op(x, h, w, cache.k, cache.v, idx, lens, 0.125, "tanh", eps)          # well-formed: runs
+    with pytest.raises(RuntimeError, match="16 tensors per layer"):
+        op(x, h, w[:-1], cache.k, cache.v, idx, lens, 0.125, "tanh", eps)
+    bad = list(w)
+    bad[12] = bad[12].double()                                             # a scale of the wrong dtype
+    with pytest.raises(RuntimeError, match=r"weights\[12\] must be a Float"):
+        op(x, h, bad, cache.k, cache.v, idx, lens, 0.125, "tanh", eps)
+    bad = list(w)
+    bad[0] = bad[0].float()                                                # int8 model, one fp32 weight
+    with pytest.raises(RuntimeError, match=r"weights\[0\]|tensors per layer"):
+        op(x, h, bad, cache.k, cache.v, idx, lens, 0.125, "tanh", eps)
+
+
 def test_cpp_layer_loop_checks_its_inputs(hf_small):
     model = GPT2.from_hf(hf_small)
     cache = model.new_cache(2, 8)

@@ -8,6 +8,10 @@
 // bit the Python loop's.
 // What goes away is the Python between the ~10 kernels of each layer (~0.6 ms a step for GPT-2
 // small, measured with a 64-wide model whose kernels cost nothing).
+// A model quantized by fastlm.quantize passes its int8 projections instead (16 tensors a layer: the
+// 12 below with each projection's qweight in place of its weight, then the 4 scales; 20 with the 4
+// W8A8 packed weights after those, for W8A8 steps of 2+ rows): each projection is then
+// linear_int8_fwd (W8A32) or linear_w8a8_fwd, again the kernel the Python step calls.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/gelu.h>
 #include <torch/library.h>
@@ -23,7 +27,9 @@ namespace fastlm::cpu {
 namespace {
 
 constexpr const char* kOp = "decode_layers";
-constexpr int64_t kPerLayer = 12;  // tensors per layer in `weights`
+constexpr int64_t kPerLayer = 12;      // tensors per layer in `weights` (fp32 / fp16 / bf16 weights)
+constexpr int64_t kPerLayerInt8 = 16;  // + the 4 projections' scales (their weights int8)
+constexpr int64_t kPerLayerW8A8 = 20;  // + the 4 projections' W8A8 packed weights
 
 using OptT = std::optional<at::Tensor>;
 
@@ -32,6 +38,23 @@ at::Tensor call_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                              .findSchemaOrThrow("fastlm_C::linear_fwd", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&)>();
   return op.call(x, w, b);
+}
+
+at::Tensor call_linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& b) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastlm_C::linear_int8_fwd", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&)>();
+  return op.call(x, q, scale, b);
+}
+
+at::Tensor call_linear_w8a8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& b,
+                            const at::Tensor& packed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastlm_C::linear_w8a8_fwd", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const OptT&, const OptT&)>();
+  return op.call(x, q, scale, b, packed);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_add_layer_norm(const at::Tensor& x, const at::Tensor& res,
@@ -60,6 +83,7 @@ at::Tensor call_decode_attention(const at::Tensor& q, const at::Tensor& k, const
 // after the last). k_cache, v_cache: (L, B, H, S_max, D); index (B * H,) int64: this step's flat row
 // in a layer's (B * H * S_max, D) view; lengths (B,): attention lengths (this token included).
 // eps: (ln_2 eps, next eps) per layer. -> (x, h) after the last layer (x = ln_f(h)).
+// Quantized (weights[0] int8): 16 or 20 tensors a layer, see the file comment.
 std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const at::Tensor& h0,
                                                      at::TensorList weights, const at::Tensor& k_cache,
                                                      const at::Tensor& v_cache, const at::Tensor& index,
@@ -67,9 +91,14 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
                                                      c10::string_view approximate, at::ArrayRef<double> eps) {
   check_rows(x0, kOp, "x");
   check_same_shape(h0, x0, kOp, "h");
-  FASTLM_CHECK(weights.size() % kPerLayer == 0, kOp, "weights must hold ", kPerLayer, " tensors per layer, got ",
-               weights.size());
-  const int64_t L = static_cast<int64_t>(weights.size()) / kPerLayer;
+  FASTLM_CHECK(!weights.empty() && weights[0].defined(), kOp, "weights must not be empty");
+  const bool int8 = weights[0].scalar_type() == at::kChar;
+  const int64_t E = static_cast<int64_t>(weights.size());
+  const int64_t Lc = k_cache.dim() > 0 ? k_cache.size(0) : 0;  // the layer count, by the cache
+  const int64_t per = !int8 ? kPerLayer : (Lc > 0 && E == Lc * kPerLayerW8A8) ? kPerLayerW8A8 : kPerLayerInt8;
+  FASTLM_CHECK(E % per == 0, kOp, "weights must hold ", per, " tensors per layer, got ", E);
+  const bool w8a8 = per == kPerLayerW8A8;
+  const int64_t L = E / per;
   const int64_t B = x0.size(0), C = x0.size(1);
   FASTLM_CHECK(k_cache.dim() == 5 && k_cache.size(0) == L && k_cache.size(1) == B, kOp,
                "k_cache must be (", L, ", ", B, ", H, S_max, D), got ", k_cache.sizes());
@@ -86,10 +115,17 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
     FASTLM_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < B * H * S, kOp,
                  "index holds a row outside the cache (B * H * S_max = ", B * H * S, ")");
   }
-  for (size_t i = 0; i < weights.size(); ++i) {
-    FASTLM_CHECK(weights[i].defined() && weights[i].scalar_type() == x0.scalar_type() &&
-                     weights[i].device() == x0.device(),
-                 kOp, "weights[", i, "] must be a ", x0.scalar_type(), " tensor on ", x0.device());
+  for (int64_t i = 0; i < E; ++i) {
+    // quantized: the projections' qweights int8, their scales fp32, the packed weights uint8; the rest
+    // (biases, LayerNorms) in x's dtype (each kernel checks its own shapes)
+    const int64_t j = i % per;
+    const bool q = int8 && (j == 0 || j == 2 || j == 6 || j == 8);
+    const at::ScalarType want = q ? at::kChar
+                                : (int8 && j >= kPerLayerInt8) ? at::kByte
+                                : (int8 && j >= kPerLayer)     ? at::kFloat
+                                                               : x0.scalar_type();
+    FASTLM_CHECK(weights[i].defined() && weights[i].scalar_type() == want && weights[i].device() == x0.device(),
+                 kOp, "weights[", i, "] must be a ", want, " tensor on ", x0.device());
   }
   FASTLM_CHECK(k_cache.scalar_type() == x0.scalar_type() && v_cache.scalar_type() == x0.scalar_type(), kOp,
                "k_cache and v_cache must have x's dtype ", x0.scalar_type());
@@ -98,8 +134,14 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
   const std::string approx(approximate);
   at::Tensor x = x0, h = h0;
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* w = weights.data() + l * kPerLayer;
-    const at::Tensor qkv = call_linear(x, w[0], w[1]).view({B, 3, H, D});
+    const at::Tensor* w = weights.data() + l * per;
+    // projection i (0 c_attn, 1 c_proj, 2 fc, 3 proj): weight w[wi], bias w[wi + 1]
+    auto linear = [&](const at::Tensor& in, int i, int64_t wi) {
+      if (!int8) return call_linear(in, w[wi], w[wi + 1]);
+      if (w8a8) return call_linear_w8a8(in, w[wi], w[kPerLayer + i], w[wi + 1], w[kPerLayerInt8 + i]);
+      return call_linear_int8(in, w[wi], w[kPerLayer + i], w[wi + 1]);
+    };
+    const at::Tensor qkv = linear(x, 0, 0).view({B, 3, H, D});
     const at::Tensor q = qkv.select(1, 0);
     const at::Tensor kl = k_cache.select(0, l), vl = v_cache.select(0, l);
     // the appends: row (b, h) of this step's k and v to flat cache row index[b * H + h] (a copy of D
@@ -117,9 +159,9 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
         }
     }
     at::Tensor a = call_decode_attention(q, kl, vl, lengths, scale);
-    a = call_linear(a.reshape({B, C}), w[2], w[3]);
+    a = linear(a.reshape({B, C}), 1, 2);
     std::tie(x, h) = call_add_layer_norm(a, h, w[4], w[5], eps[2 * l]);
-    const at::Tensor m = call_linear(at::gelu(call_linear(x, w[6], w[7]), approx), w[8], w[9]);
+    const at::Tensor m = linear(at::gelu(linear(x, 2, 6), approx), 3, 8);
     std::tie(x, h) = call_add_layer_norm(m, h, w[10], w[11], eps[2 * l + 1]);
   }
   return {x, h};

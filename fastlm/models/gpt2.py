@@ -291,9 +291,10 @@ class GPT2(torch.nn.Module):
         reads). The step's shapes and dtypes hold by construction, so where every projection's chosen
         backend is one raw kernel, it is called directly; otherwise the public ops (which choose per
         call). Memoized per (device, dtype, batch, forced backend, choice epoch).
-        add_layer_norm(x, residual or None, w, b, eps) -> (out, summed)."""
+        add_layer_norm(x, residual or None, w, b, eps) -> (out, summed). Returns (linear, add_layer_norm,
+        decode_attention, all_cpp: linear and LayerNorm are the C++ kernels, ln_cpp: LayerNorm is)."""
         if torch.compiler.is_compiling():
-            return self._generic_kernels() + (False,)
+            return self._generic_kernels() + (False, False)
         memo_key = (x.device, x.dtype, x.shape[0], backends.current_backend(), backends.choice_epoch())
         memo = self.__dict__.setdefault("_decode_kernel_memo", {})
         hit = memo.get(memo_key)
@@ -305,19 +306,19 @@ class GPT2(torch.nn.Module):
         picks = {linear_kernel(inp, w, b)[1] for inp, w, b in (
             (x, blk.c_attn.weight, blk.c_attn.bias), (x, blk.c_proj.weight, blk.c_proj.bias),
             (x, blk.fc.weight, blk.fc.bias), (hidden, blk.proj.weight, blk.proj.bias))}
-        n_cpp = 0
+        lin_cpp = ln_cpp = False
         if len(picks) == 1:
             lin = picks.pop()
-            n_cpp += lin is torch.ops.fastlm_C.linear_fwd if _ext.load() is not None else 0
+            lin_cpp = _ext.load() is not None and lin is torch.ops.fastlm_C.linear_fwd
         ln_kernels = {layer_norm_kernel(x, res, blk.ln_2.weight, blk.ln_2.bias)[1] for res in (None, x)}
         if len(ln_kernels) == 1 and None not in ln_kernels:
             raw = ln_kernels.pop()
-            n_cpp += raw is torch.ops.fastlm_C.layer_norm_fwd if _ext.load() is not None else 0
+            ln_cpp = _ext.load() is not None and raw is torch.ops.fastlm_C.layer_norm_fwd
 
             def ln(x, res, w, b, eps):
                 out = raw(x, res, w, b, eps)
                 return out[0], out[1]
-        out = (lin, ln, att, n_cpp == 2)
+        out = (lin, ln, att, lin_cpp and ln_cpp, ln_cpp)
         memo.clear()
         memo[memo_key] = out
         return out
@@ -334,6 +335,18 @@ class GPT2(torch.nn.Module):
 
         return ops.linear, self._generic_ln, att
 
+    def _cpp_layer_loop(self, x: Tensor, cache: StaticKVCache, lens: Tensor, scale: float) -> bool:
+        """Whether decode attention on this step is the C++ kernel and FASTLM_DECODE_LAYERS is not 0: the
+        condition (with C++ projections and LayerNorms) for fastlm_C::decode_layers."""
+        c = self.config
+        return (os.environ.get("FASTLM_DECODE_LAYERS", "1") != "0"
+                and decode_attention_kernel(x.new_zeros((x.shape[0], c.n_head, c.head_dim)), cache.keys(0),
+                                            cache.values(0), lens, scale)[1] is torch.ops.fastlm_C.decode_attention_fwd)
+
+    def _decode_layer_eps(self) -> list:
+        return [e for blk, nxt in zip(self.blocks, [b.ln_1 for b in self.blocks[1:]] + [self.ln_f])
+                for e in (blk.ln_2.eps, nxt.eps)]
+
     def _decode_layer_weights(self) -> list:
         """Per block: c_attn, c_proj, ln_2, fc, proj and the next LayerNorm (the following block's
         ln_1, or ln_f), weight then bias: fastlm_C::decode_layers' `weights`."""
@@ -343,6 +356,29 @@ class GPT2(torch.nn.Module):
             out += [blk.c_attn.weight, blk.c_attn.bias, blk.c_proj.weight, blk.c_proj.bias, blk.ln_2.weight,
                     blk.ln_2.bias, blk.fc.weight, blk.fc.bias, blk.proj.weight, blk.proj.bias, ln_next.weight,
                     ln_next.bias]
+        return out
+
+    def _quant_layer_weights(self, x: Tensor, proj) -> "list | None":
+        """fastlm_C::decode_layers' `weights` for a quantized model's step on x (B, C): per block the
+        fp32 list with each projection's qweight for its weight, then the 4 scales (W8A32: what
+        _quant_linear's raw linear_int8_fwd computes) and, where the step's projections are W8A8 (2+
+        rows), the 4 packed weights. None where the step must go through the modules."""
+        projs = [m for blk in self.blocks for m in (blk.c_attn, blk.c_proj, blk.fc, blk.proj)]
+        if not all(type(m) is Int8Linear and m.bias is not None and m.bias.dtype == x.dtype for m in projs):
+            return None
+        w8a8 = getattr(proj, "w8a8", False)
+        if not w8a8 and getattr(proj, "raw", None) is not torch.ops.fastlm_C.linear_int8_fwd:
+            return None
+        packed = [m.w8a8_packed() for m in projs] if w8a8 else []
+        if any(p is None for p in packed):
+            return None
+        out = []
+        nxt = [b.ln_1 for b in self.blocks[1:]] + [self.ln_f]
+        for i, (blk, ln_next) in enumerate(zip(self.blocks, nxt)):
+            out += [blk.c_attn.qweight, blk.c_attn.bias, blk.c_proj.qweight, blk.c_proj.bias, blk.ln_2.weight,
+                    blk.ln_2.bias, blk.fc.qweight, blk.fc.bias, blk.proj.qweight, blk.proj.bias, ln_next.weight,
+                    ln_next.bias, blk.c_attn.scale, blk.c_proj.scale, blk.fc.scale, blk.proj.scale]
+            out += packed[4 * i: 4 * i + 4]
         return out
 
     def head_screen(self) -> "ops.LinearArgmaxScreen | None":
@@ -382,20 +418,16 @@ class GPT2(torch.nn.Module):
         h = self.wte(tokens) + self.wpe(pos)                                                  # (B, d)
         if self.quantized:
             return self._decode_step_quantized(h, cache, idx, lens, scale, greedy, topk)
-        lin, ln, att, all_cpp = self._decode_kernels(h)
+        lin, ln, att, all_cpp, _ = self._decode_kernels(h)
         act = self.config.activation
         gelu = F.gelu
         nb = len(self.blocks)
         x, _ = ln(h, None, self.blocks[0].ln_1.weight, self.blocks[0].ln_1.bias, self.blocks[0].ln_1.eps)
-        if (all_cpp and os.environ.get("FASTLM_DECODE_LAYERS", "1") != "0"
-                and decode_attention_kernel(x.new_zeros((B, H, D)), cache.keys(0), cache.values(0), lens,
-                                            scale)[1] is torch.ops.fastlm_C.decode_attention_fwd):
+        if all_cpp and self._cpp_layer_loop(x, cache, lens, scale):
             # the same kernels in the same order, looped in C++ (csrc/cpu/decode_layers.cpp): no Python
             # between them. FASTLM_DECODE_LAYERS=0 runs the Python loop below.
-            eps = [e for blk, nxt in zip(self.blocks, [b.ln_1 for b in self.blocks[1:]] + [self.ln_f])
-                   for e in (blk.ln_2.eps, nxt.eps)]
             x, h = torch.ops.fastlm_C.decode_layers(x, h, self._decode_layer_weights(), cache.k, cache.v, idx, lens,
-                                                    scale, act, eps)
+                                                    scale, act, self._decode_layer_eps())
             cache.advance()
             return self._head(x, lin, greedy, topk)
         for layer, blk in enumerate(self.blocks):
@@ -414,17 +446,24 @@ class GPT2(torch.nn.Module):
     def _quant_linear(self, x: Tensor):
         """proj(mod, x) for the decode step's quantized projections: the C++ int8 kernel called directly
         where ops.linear_int8 would pick it (the step's shapes and dtypes hold by construction: no
-        per-call checks), else the module itself (the public op)."""
+        per-call checks), else the module itself (the public op). proj.raw is that kernel (or None);
+        proj.w8a8 says the modules run W8A8 on these rows through the C++ kernel (ops.linear_w8a8's
+        choice), which decode_layers can call in their place."""
+        ok = lambda backend: None if backend == "reference" or x.dtype in (  # noqa: E731
+            torch.float32, torch.float16, torch.bfloat16) else "dtype"
         if x.device.type == "cpu" and not torch.compiler.is_compiling() and isinstance(self.blocks[0].c_attn,
-                                                                                        Int8Linear) \
-                and (getattr(self.blocks[0].c_attn, "activations", None) is None or x.shape[0] == 1):  # W8A8: mod(x)
-            ok = lambda backend: None if backend == "reference" or x.dtype in (  # noqa: E731
-                torch.float32, torch.float16, torch.bfloat16) else "dtype"
-            if backends.select("linear_int8", x.device, ok) == "cpu":
-                raw = torch.ops.fastlm_C.linear_int8_fwd
+                                                                                        Int8Linear):
+            if getattr(self.blocks[0].c_attn, "activations", None) is None or x.shape[0] == 1:  # W8A32
+                if backends.select("linear_int8", x.device, ok) == "cpu":
+                    raw = torch.ops.fastlm_C.linear_int8_fwd
 
-                def proj(mod, x):
-                    return raw(x, mod.qweight, mod.scale, mod.bias)
+                    def proj(mod, x):
+                        return raw(x, mod.qweight, mod.scale, mod.bias)
+                    proj.raw, proj.w8a8 = raw, False
+                    return proj
+            elif backends.select("linear_w8a8", x.device, ok) == "cpu":
+                proj = lambda mod, x: mod(x)  # noqa: E731
+                proj.raw, proj.w8a8 = None, True
                 return proj
         return lambda mod, x: mod(x)
 
@@ -435,11 +474,17 @@ class GPT2(torch.nn.Module):
         c = self.config
         B = h.shape[0]
         H, D = c.n_head, c.head_dim
-        _, ln, att, _ = self._decode_kernels(h)
+        _, ln, att, _, ln_cpp = self._decode_kernels(h)
         proj = self._quant_linear(h)
         act = c.activation
         nb = len(self.blocks)
         x, _ = ln(h, None, self.blocks[0].ln_1.weight, self.blocks[0].ln_1.bias, self.blocks[0].ln_1.eps)
+        weights = self._quant_layer_weights(x, proj) if ln_cpp and self._cpp_layer_loop(x, cache, lens, scale) else None
+        if weights is not None:  # the loop below in C++ (decode_layers on the int8 projections)
+            x, h = torch.ops.fastlm_C.decode_layers(x, h, weights, cache.k, cache.v, idx, lens, scale, act,
+                                                    self._decode_layer_eps())
+            cache.advance()
+            return self._head(x, None, greedy, topk)
         for layer, blk in enumerate(self.blocks):
             qkv = proj(blk.c_attn, x).view(B, 3, H, D)
             q, k, v = qkv.unbind(1)                                        # (B, H, D), rows strided
