@@ -407,3 +407,37 @@ def test_generate_on_cuda_matches_hf_greedy(dtype):
         assert (out == ref).float().mean().item() > 0.9
     again = fastlm.generate(hf, ids, max_new_tokens=24)  # a second call replays a fresh graph: same tokens
     assert again.tolist() == out.tolist()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_generate_pauses_gc_only_for_its_loop(hf_small, enabled):
+    """The decode loop runs with the cyclic GC off and leaves it as it found it, also on an error."""
+    import gc
+
+    seen = []
+
+    class Probe:
+        def put(self, t):
+            seen.append(gc.isenabled())
+
+        def end(self):
+            pass
+
+    model = GPT2.from_hf(hf_small)
+    ids = torch.randint(1, hf_small.config.vocab_size, (1, 5))
+    (gc.enable if enabled else gc.disable)()
+    try:
+        fastlm.generate(model, ids, max_new_tokens=3, streamer=Probe())
+        assert gc.isenabled() == enabled
+        assert seen[0] == enabled and seen[1:] == [False] * 3     # put(prompt) before the loop, then 3 steps
+
+        class Boom(Probe):
+            def put(self, t):
+                if len(seen) > 5:
+                    raise RuntimeError("boom")
+                seen.append(gc.isenabled())
+        with pytest.raises(RuntimeError, match="boom"):
+            fastlm.generate(model, ids, max_new_tokens=8, streamer=Boom())
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
