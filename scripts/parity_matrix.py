@@ -99,6 +99,12 @@ def _cases():
         bt=torch.tensor([[3, 0, 7, 1], [5, 11, 2, 9]], dtype=torch.int32),
         si=torch.tensor([0, 1, 1, 1, 0, 1, 0], dtype=torch.int32),
         kl=torch.tensor([1, 17, 33, 64, 50, 5, 0], dtype=torch.int32)), paged, ()))
+    # few tokens, one long context: the cuda backend's key split (chunks of >= 128 keys) and merge
+    out.append(("paged_attention", "paged_attention 3 tokens x 1000 keys (split) D80",
+                lambda g: dict(q=_rand(g, 3, 8, 80), kc=_rand(g, 70, 2, 16, 80), vc=_rand(g, 70, 2, 16, 80),
+                               bt=torch.randperm(70, generator=g)[:64].to(torch.int32).reshape(1, 64),
+                               si=torch.zeros(3, dtype=torch.int32),
+                               kl=torch.tensor([1000, 1, 0], dtype=torch.int32)), paged, ()))
     return out
 
 

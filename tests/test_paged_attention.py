@@ -250,3 +250,187 @@ def test_bad_inputs():
     if "cpu" in fastlm.available_backends("paged_attention"):
         with pytest.raises(RuntimeError, match="block_tables"):
             torch.ops.fastlm_C.paged_attention_fwd(q, k, v, bad, seq, lens, 0.25)
+
+
+# ---------------------------------------------------------------- the cuda backend (csrc/cuda/paged_attention.cu)
+# Inputs are made on the CPU (the fp64 oracle's copies stay there) and moved to the GPU. The grid covers
+# both kernel paths: few tokens with a long context (the key split + merge kernel) and many tokens (no
+# split); 16-byte loads (D 64/80/128/256) and scalar loads (D 17); heads per CTA 1, 2, 4, 8 and two head
+# chunks (G 12); block sizes 16 and 5; key_lens 0, 1, block edges and > 1 split.
+
+_CUDA_REASON = "needs a CUDA device and fastlm's CUDA kernels (scripts/gpu_check.sh)"
+requires_cuda_paged = pytest.mark.skipif(not torch.cuda.is_available(), reason=_CUDA_REASON)
+CUDA_LENS = [0, 1, 15, 16, 17, 100, 1500]          # 1500: 12 splits of 128 keys when the grid is small
+
+
+def _need_cuda_backend():
+    if "cuda" not in fastlm.available_backends("paged_attention", "cuda"):
+        pytest.skip(_CUDA_REASON)
+
+
+def _check_cuda_paged(q, k, v, tables, seq, lens, dtype, label):
+    """The cuda backend on GPU copies (outputs and split buffers NaN-poisoned) against the fp64 oracle,
+    under the parity rule (baseline: the same math by PyTorch in the low dtype)."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    dev = torch.device("cuda")
+    with fastlm.use_backend("cuda"), poison_outputs():
+        out = pa.paged_attention(q.to(dev), k.to(dev), v.to(dev), tables.to(dev), seq.to(dev), lens.to(dev), scale)
+    torch.cuda.synchronize()
+    assert out.device.type == "cuda" and out.dtype == dtype
+    oracle = pa.paged_attention_fwd_ref(q.double(), k.double(), v.double(), tables, seq, lens, scale)
+    base = None if dtype == torch.float32 else _low(q, k, v, tables, seq, lens, scale)
+    assert_close(label, out.cpu(), oracle, base)
+    zero = lens == 0
+    if bool(zero.any()):
+        assert torch.all(out.cpu()[zero] == 0), f"{label}: key_lens 0 must give zeros"
+    return out
+
+
+@requires_cuda_paged
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 4, 64, 16), (8, 2, 64, 5), (4, 1, 80, 16), (8, 8, 128, 5), (6, 3, 128, 5),
+                                        (8, 2, 128, 16), (6, 1, 17, 5), (12, 1, 96, 16), (16, 2, 256, 16)])
+def test_paged_attention_cuda_decode_matches_ref(dtype, H, Hkv, D, bs):
+    """Few tokens, ragged lengths up to 1500: the split-K path (and its merge) on any GPU with >= 2 SMs."""
+    _need_cuda_backend()
+    q, k, v, tables = _paged_case(CUDA_LENS, H, Hkv, D, bs, dtype, seed=H * 1000 + D + bs)
+    lens = torch.tensor(CUDA_LENS, dtype=torch.int32)
+    seq = torch.arange(len(CUDA_LENS), dtype=torch.int32)
+    _check_cuda_paged(q, k, v, tables, seq, lens, dtype, f"cuda decode H{H}/{Hkv} D{D} bs{bs} {dtype}")
+
+
+@requires_cuda_paged
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 4, 64, 16), (8, 2, 80, 5), (4, 1, 128, 16)])
+def test_paged_attention_cuda_prefill_matches_ref(dtype, H, Hkv, D, bs):
+    """A prefill chunk of 1200 tokens (positions 100..1299 of one request, key_lens = position + 1)
+    beside decode tokens of other requests (lengths 0, 1, 333): with T x Hkv CTAs filling the GPU, the
+    path without a split. Each token's result matches the oracle and the same token computed alone
+    (which takes the split path)."""
+    _need_cuda_backend()
+    totals = [1300, 0, 1, 333]
+    q, k, v, tables = _paged_case(totals, H, Hkv, D, bs, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    n = 1200
+    seq = torch.tensor([0] * n + [1, 2, 3], dtype=torch.int32)
+    lens = torch.tensor(list(range(101, 101 + n)) + [0, 1, 333], dtype=torch.int32)
+    qs = torch.randn(n + 3, H, D, generator=g).to(dtype)
+    pick = torch.tensor([0, 1, 517, n - 1, n, n + 1, n + 2])       # the oracle's loop is slow: a sample
+    full = _check_cuda_paged(qs[pick], k, v, tables, seq[pick], lens[pick], dtype, f"cuda sample {dtype}")
+    dev = torch.device("cuda")
+    with fastlm.use_backend("cuda"), poison_outputs():
+        out = pa.paged_attention(qs.to(dev), k.to(dev), v.to(dev), tables.to(dev), seq.to(dev), lens.to(dev))
+    torch.cuda.synchronize()
+    out = out.cpu()
+    assert not out.isnan().any()
+    scale = 1 / math.sqrt(D)
+    oracle = pa.paged_attention_fwd_ref(qs[pick].double(), k.double(), v.double(), tables, seq[pick], lens[pick],
+                                        scale)
+    base = None if dtype == torch.float32 else _low(qs[pick], k, v, tables, seq[pick], lens[pick], scale)
+    assert_close(f"cuda prefill H{H}/{Hkv} D{D} bs{bs} {dtype}", out[pick], oracle, base)
+    # alone (split) vs in the big batch (no split): the same up to the output's rounding
+    tol = {torch.float32: 1e-5, torch.float16: 2 ** -9, torch.bfloat16: 2 ** -6}[dtype]
+    torch.testing.assert_close(out[pick], full.cpu(), rtol=tol, atol=tol)
+    assert torch.all(out[n] == 0)
+
+
+@requires_cuda_paged
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_paged_kv_write_cuda(dtype):
+    """The cuda cache write == the reference scatter: int64 and int32 slots, -1 skipped, a strided key."""
+    _need_cuda_backend()
+    dev = torch.device("cuda")
+    nb, Hkv, bs, D = 7, 3, 5, 7
+    g = torch.Generator().manual_seed(3)
+    key_wide = torch.randn(6, Hkv, D + 4, generator=g).to(dtype)
+    key = key_wide[:, :, :D]
+    key_dev = key_wide.to(dev)[:, :, :D]                                       # not contiguous
+    val = torch.randn(6, Hkv, D, generator=g).to(dtype)
+    slots = torch.tensor([0, 3, 4, -1, 34, 9])
+    kr, vr = torch.zeros(nb, Hkv, bs, D, dtype=dtype), torch.zeros(nb, Hkv, bs, D, dtype=dtype)
+    pa.paged_kv_write_ref(key, val, kr, vr, slots)
+    for sl in (slots, slots.to(torch.int32)):
+        kc, vc = torch.zeros_like(kr, device=dev), torch.zeros_like(vr, device=dev)
+        torch.ops.fastlm_C.paged_kv_write(key_dev, val.to(dev), kc, vc, sl.to(dev))
+        assert torch.equal(kc.cpu(), kr) and torch.equal(vc.cpu(), vr)
+    kc, vc = torch.zeros_like(kr, device=dev), torch.zeros_like(vr, device=dev)
+    with fastlm.use_backend("cuda"):
+        pa.paged_kv_write(key_dev, val.to(dev), kc, vc, slots.to(dev))
+    assert torch.equal(kc.cpu(), kr) and torch.equal(vc.cpu(), vr)
+
+
+@requires_cuda_paged
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_cuda_strided_query(dtype):
+    """A query whose token/head strides are not 16-byte multiples (a slice of a wider tensor): the
+    kernel's scalar-load path for a head dim that would otherwise take 16-byte loads."""
+    _need_cuda_backend()
+    lens_list = [3, 0, 260]
+    q, k, v, tables = _paged_case(lens_list, 4, 2, 64, 16, dtype, seed=11)
+    q_wide = torch.randn(3, 4, 67, generator=torch.Generator().manual_seed(12)).to(dtype)
+    q = q_wide[:, :, :64]
+    scale = 0.125
+    dev = torch.device("cuda")
+    lens = torch.tensor(lens_list, dtype=torch.int32)
+    seq = torch.arange(3, dtype=torch.int32)
+    with fastlm.use_backend("cuda"), poison_outputs():
+        out = pa.paged_attention(q_wide.to(dev)[:, :, :64], k.to(dev), v.to(dev), tables.to(dev), seq.to(dev),
+                                 lens.to(dev), scale)
+    oracle = pa.paged_attention_fwd_ref(q.double(), k.double(), v.double(), tables, seq, lens, scale)
+    base = None if dtype == torch.float32 else _low(q.contiguous(), k, v, tables, seq, lens, scale)
+    assert_close(f"cuda strided query {dtype}", out.cpu(), oracle, base)
+
+
+@requires_cuda_paged
+def test_paged_attention_cuda_nan_and_bad_values():
+    """NaN in a key poisons only its head; bad values (never validated on the host by the op itself, so
+    it stays graph-capturable) give NaN instead of an out-of-bounds read."""
+    _need_cuda_backend()
+    dev = torch.device("cuda")
+    q, k, v, tables = _paged_case([5, 9, 300], 2, 2, 16, 4, torch.float32)
+    k[int(tables[1, 1]), 0, 0, 3] = float("nan")                 # request 1's position 4, kv head 0
+    seq = torch.arange(3, dtype=torch.int32)
+    lens = torch.tensor([5, 9, 300], dtype=torch.int32)
+    args = [t.to(dev) for t in (q, k, v, tables, seq, lens)]
+    out = torch.ops.fastlm_C.paged_attention_fwd(*args, 0.25).cpu()
+    assert torch.isnan(out[1, 0]).all()
+    assert not torch.isnan(out[1, 1]).any() and not torch.isnan(out[0]).any() and not torch.isnan(out[2]).any()
+    bad = tables.clone()
+    bad[0, 1] = 10 ** 6                                          # a block id past num_blocks
+    out = torch.ops.fastlm_C.paged_attention_fwd(args[0], args[1], args[2], bad.to(dev), args[4], args[5], 0.25).cpu()
+    assert torch.isnan(out[0]).all() and not torch.isnan(out[2]).any()
+    for seq_bad, lens_bad in (([0, 7, 2], [5, 9, 300]), ([0, 1, 2], [5, -1, 10 ** 6])):
+        out = torch.ops.fastlm_C.paged_attention_fwd(
+            args[0], args[1], args[2], args[3], torch.tensor(seq_bad, dtype=torch.int32, device=dev),
+            torch.tensor(lens_bad, dtype=torch.int32, device=dev), 0.25).cpu()
+        assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="block_tables"):
+        torch.ops.fastlm_C.paged_attention_fwd(args[0], args[1], args[2], args[3].long(), args[4], args[5], 0.25)
+    with pytest.raises(RuntimeError, match="v_cache"):
+        torch.ops.fastlm_C.paged_attention_fwd(args[0], args[1], args[2].half(), args[3], args[4], args[5], 0.25)
+
+
+@requires_cuda_paged
+def test_paged_attention_cuda_graph_capture():
+    """The op reads no device value on the host: it is captured in a CUDA graph, and a replay after the
+    lengths change in place gives the eager result for the new lengths (split path: 2 tokens)."""
+    _need_cuda_backend()
+    dev = torch.device("cuda")
+    q, k, v, tables = _paged_case([700, 40], 8, 2, 64, 16, torch.float16, seed=5)
+    q, k, v, tables = (t.to(dev) for t in (q, k, v, tables))
+    seq = torch.arange(2, dtype=torch.int32, device=dev)
+    lens = torch.tensor([700, 40], dtype=torch.int32, device=dev)
+    op = torch.ops.fastlm_C.paged_attention_fwd
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        op(q, k, v, tables, seq, lens, 0.125)                    # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(q, k, v, tables, seq, lens, 0.125)
+    lens.copy_(torch.tensor([311, 1], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, op(q, k, v, tables, seq, lens, 0.125))

@@ -10,8 +10,9 @@ token has key_lens = its context length; a prefill chunk's token at position p h
 written to the cache first (paged_kv_write), so every key is read through the block table.
 
 Backends ("paged_attention"): reference (the PyTorch math below), cpu (csrc/cpu/paged_attention.cpp),
-triton (kernels/paged_attention.py). "linear_rowwise": reference (F.linear: NOT batch invariant) and
-cpu (csrc/cpu/linear_rowwise.cpp: every row with linear_fwd's one-row arithmetic). Inference ops:
+cuda (csrc/cuda/paged_attention.cu: batch-invariant only up to rounding, its key split depends on the
+batch shape), triton (kernels/paged_attention.py). "linear_rowwise": reference (F.linear: NOT batch
+invariant) and cpu (csrc/cpu/linear_rowwise.cpp: every row with linear_fwd's one-row arithmetic). Inference ops:
 no autograd. The *_ref functions belong in fastlm/ops/reference.py (owned by another helper; they
 live here until moved).
 """
@@ -74,7 +75,7 @@ OP = "paged_attention"
 LINEAR_OP = "linear_rowwise"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-backends.register_op(OP, ("reference", "cpu", "triton"), cpp_ops=("paged_attention_fwd", "paged_kv_write"))
+backends.register_op(OP, ("reference", "cpu", "cuda", "triton"), cpp_ops=("paged_attention_fwd", "paged_kv_write"))
 backends.register_op(LINEAR_OP, ("reference", "cpu"), cpp_ops=("linear_rowwise_fwd",))
 
 
@@ -173,7 +174,8 @@ def paged_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block
 def paged_attention_unchecked(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
                               seq_index: Tensor, key_lens: Tensor, scale: float) -> Tensor:
     """paged_attention for a caller that built its block tables itself (the engine): no host-side
-    value checks (the C++ kernel still checks every block it reads)."""
+    value checks (the cpu kernel still checks every block it reads; the cuda kernel never reads a bad
+    one and gives NaN instead)."""
     backend = backends.select(OP, query.device, _supports(query))
     q = query if query.stride(-1) == 1 or query.shape[-1] <= 1 else query.contiguous()
     if backend != "reference":
@@ -250,7 +252,7 @@ def paged_kv_write(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: T
 def paged_kv_write_unchecked(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                              slot_mapping: Tensor) -> None:
     backend = backends.select(OP, key.device, _supports(key))
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         torch.ops.fastlm_C.paged_kv_write(key, value, key_cache, value_cache, slot_mapping.long().contiguous())
     else:  # reference; triton: the write is a plain scatter
         paged_kv_write_ref(key, value, key_cache, value_cache, slot_mapping.long())
