@@ -233,3 +233,30 @@ def test_topk_logits_fallbacks_and_errors():
         torch.ops.fastlm_C.linear_topk_logits_fwd(x, w, screen.qweight, screen.scale, screen.slack, 0)
     from fastlm.ops.linear_argmax import linear_topk_logits_fwd
     torch.library.opcheck(linear_topk_logits_fwd, (x, w, screen.qweight, screen.scale, screen.slack, 3))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("vnni", ["1", "0"])
+def test_both_int8_screens(monkeypatch, vnni):
+    """The VNNI screen (two int8 digits per input, integer dots; CPUs with avx512_vnni) and the fp32
+    screen (FASTLM_INT8_VNNI=0) give the exact pick and exact top-k logits: odd K (masked tail), rows
+    of 1..16, inputs with outliers 1e4x the rest (the digit rounding term of the bound dominates),
+    tiny and zero rows, near ties."""
+    monkeypatch.setenv("FASTLM_INT8_VNNI", vnni)
+    g = torch.Generator().manual_seed(11)
+    for M, K, N in [(1, 771, 5003), (3, 64, 997), (4, 130, 2001), (16, 200, 1500)]:
+        x = torch.randn(M, K, generator=g)
+        x[0, K // 2] = 1e4                              # an outlier: 2^e set by it
+        if M > 2:
+            x[1] *= 1e-30                               # a tiny row (2^e far below 1)
+            x[2] = 0.0                                  # a zero row: every logit 0, the first index wins
+        w = torch.randn(N, K, generator=g) * 0.05
+        w[N // 3] = w[N // 3 + 1] + 1e-7 * torch.randn(K, generator=g)   # a near tie
+        check(x, w)
+        screen = LinearArgmaxScreen.build(w)
+        with fastlm.use_backend("cpu"):
+            got = ops.linear_topk_logits(x, w, 7, screen)
+            full = torch.stack([ops.linear(x[m:m + 1], w)[0] for m in range(M)])
+        top = full.topk(7, dim=-1)
+        assert torch.equal(got.gather(1, top.indices), top.values)          # the top-k exact
+        assert ((got == full) | torch.isneginf(got)).all()                  # the rest exact or -inf

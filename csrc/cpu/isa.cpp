@@ -89,8 +89,12 @@ std::vector<std::string> cpu_isa_paths() {
   line("decode_attention_fwd", w ? "avx512" : v,
        w ? r + "; fp32 with D % 16 == 0 and D <= 256, else " + v : r);
   line("linear_fwd", wide, r + "; <= 16 rows, more rows: at::linear (BLAS)");
-  line("linear_argmax_fwd", wide, r + "; int8 screen + exact recompute on linear_fwd's path");
-  line("linear_topk_logits_fwd", wide, r + "; int8 screen + exact recompute on linear_fwd's path");
+  const char* vnni_env = std::getenv("FASTLM_INT8_VNNI");
+  const bool vnni = w && __builtin_cpu_supports("avx512vnni") && !(vnni_env && vnni_env[0] == '0');
+  const std::string screen = vnni ? "; int8 screen by VNNI integer dots (FASTLM_INT8_VNNI=0: fp32 dots)"
+                                  : "; int8 screen by fp32 dots";
+  line("linear_argmax_fwd", vnni ? "avx512-vnni" : wide, r + screen + " + exact recompute on linear_fwd's path");
+  line("linear_topk_logits_fwd", vnni ? "avx512-vnni" : wide, r + screen + " + exact recompute on linear_fwd's path");
 #else
   line("layer_norm_fwd", v, vr);
   line("layer_norm_bwd", v, vr);

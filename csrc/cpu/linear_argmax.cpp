@@ -19,10 +19,22 @@
 // the first largest wins (a NaN logit counts as the largest, as torch.argmax). So the result is
 // bit-for-bit argmax(ops.linear(x[m:m+1], W)), reading 1 byte per weight instead of 4 plus a few
 // rows. A row x_m with a non-finite value, or with more than max(N / 16, 256) candidates, takes
-// the exact full product. Two paths, chosen at run time: AVX-512 (tiles of 16 k, exact recompute
-// with tile_avx512<1, 1, 2>) and AVX2 + FMA (8 k per step, Avx2Path; exact recompute with
-// row_times_rows<1, 4>, linear_fwd's one-row AVX2 stream): each recomputes on the path linear_fwd
+// the exact full product. Paths, chosen at run time: AVX-512 VNNI (below), AVX-512 (tiles of 16 k,
+// exact recompute with tile_avx512<1, 1, 2>) and AVX2 + FMA (8 k per step, Avx2Path; exact recompute
+// with row_times_rows<1, 4>, linear_fwd's one-row AVX2 stream): each recomputes on the path linear_fwd
 // takes on that machine. Builds without AVX2 (aarch64...) run linear_fwd on each row, then argmax.
+//
+// VNNI screen (CPUs with avx512_vnni; FASTLM_INT8_VNNI=0 turns it off): the screened logit is an
+// integer dot instead of an fp32 one. Each input row is split into two int8 digits on a power-of-two
+// scale 2^e (max|x| <= 127 * 2^e): x' = 2^e (hi + lo / 256), hi = round(x / 2^e), lo =
+// round(256 (x / 2^e - hi)) clamped to [-127, 127], d = x - x' (computed exactly in fp64, ||d|| <=
+// ~2^e sqrt(K) / 512). vpdpbusd (the weight row as u8 = q + 128, the digits s8; 64 MACs an
+// instruction, exact int32) gives both digit dots, combined exactly in int64, and
+// a_mn = s_n * 2^(e-8) (256 dot_hi + dot_lo) in fp64 = fl(x' . s_n q_n). The bound gains
+// |x' . s q - x . s q| <= ||d|| ||s_n q_n|| <= ||d|| s_n 127 sqrt(K) and the fp64 roundings:
+// e_mn = ||x_m|| slack_n + s_n * 127 sqrt(K) (||d_m|| + 2^-50 (||x_m|| + ||d_m||)), padded up. Two
+// instructions per 64 weights and row against the fp32 screen's 4 widenings + 4 FMAs per row: the
+// many-row screen (the serving engine's decode rows) is ~2x faster, one row streams at the read rate.
 #include <ATen/Parallel.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
@@ -33,14 +45,17 @@
 #include <functional>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "common.h"
 #include "cpu/decode_parallel.h"
+#include "cpu/vnni512.h"
 #include "cpu/linear_tiles.h"
 #include "cpu/vec_utils.h"
 
@@ -188,16 +203,18 @@ struct Candidate {
   double a;  // the screened logit
 };
 
-// e_mn = ||x_m|| slack_n; a non-finite weight row (slack = inf) is always a candidate, x = 0 included
-// (0 * inf would be NaN and fail every comparison).
-inline double bound(double xnorm, float slack) {
-  return std::isinf(slack) ? std::numeric_limits<double>::infinity() : xnorm * static_cast<double>(slack);
-}
-
 struct RowState {
   double xnorm = 0.0;     // ||x_m||_2, padded up
+  double extra = 0.0;     // the VNNI screen's digit-rounding term per unit of s_n (0 on the fp32 screens)
   bool screened = true;   // false: the exact full product
 };
+
+// e_mn = ||x_m|| slack_n + extra_m s_n; a non-finite weight row (slack = inf) is always a candidate,
+// x = 0 included (0 * inf would be NaN and fail every comparison).
+inline double bound(const RowState& row, float slack, float s) {
+  return std::isinf(slack) ? std::numeric_limits<double>::infinity()
+                           : row.xnorm * static_cast<double>(slack) + row.extra * static_cast<double>(s);
+}
 
 // The int8 tiles of W rows [n0, n1) against all M input rows: emit(m, n, sum_k x[m][k] q[n][k]) for
 // every pair (the caller scales by scale[n]).
@@ -251,6 +268,146 @@ struct Avx512Path {
     screen_tiles_avx512(q, x, M, K, n0, n1, e);
   }
   static float exact(const float* w, const float* x, int64_t K) { return exact_logit_avx512(w, x, K); }
+};
+
+#define FASTLM_ARGMAX_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// MR input rows (two int8 digit planes each: hi at xd, lo at xd + Kp; row stride ldxd) x NR int8 W
+// rows (stride K), 64 k a step (the tail masked: the weight bytes past K load as 0 and their digits
+// are 0). out[(m * NR + r) * 2 + {0, 1}] = sum_k (q[r][k] + 128) * {hi, lo}[m][k] (exact int32). PF:
+// prefetch (to L2) the W rows pfd rows ahead, a line per row and step.
+template <int MR, int NR, bool PF>
+FASTLM_ARGMAX_VNNI void tile_q8_vnni(const int8_t* q, int64_t K, const int8_t* xd, int64_t ldxd, int64_t Kp,
+                                     int32_t* out, int64_t pfd) {
+  constexpr int NA = MR * NR * 2;
+  __m512i acc[NA];
+#pragma GCC unroll 32
+  for (int i = 0; i < NA; ++i) acc[i] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t nfull = K / 64;
+  auto step = [&](int64_t b, __mmask64 msk, auto full_tag) FASTLM_ARGMAX_VNNI __attribute__((always_inline)) {
+    __m512i wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m512i w = decltype(full_tag)::value ? _mm512_loadu_si512(q + r * K + b * 64)
+                                                  : _mm512_maskz_loadu_epi8(msk, q + r * K + b * 64);
+      wv[r] = _mm512_xor_si512(w, flip);  // q + 128 as u8 (masked-out bytes: 128, against zero digits)
+    }
+    if constexpr (PF) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (pfd + r) * K + b * 64), _MM_HINT_T1);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int d = 0; d < 2; ++d) {
+        const __m512i xv = _mm512_loadu_si512(xd + m * ldxd + d * Kp + b * 64);
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) dpbusd(acc[(m * NR + r) * 2 + d], wv[r], xv);
+      }
+  };
+  for (int64_t b = 0; b < nfull; ++b) step(b, ~__mmask64(0), std::true_type{});
+  if (K > nfull * 64) step(nfull, (~uint64_t(0)) >> (64 - (K - nfull * 64)), std::false_type{});
+  hsum_epi32<NA>(acc, out);
+}
+
+inline bool screen_use_vnni() {
+  static const bool ok = cpu_use_avx512() && __builtin_cpu_supports("avx512vnni");
+  const char* env = std::getenv("FASTLM_INT8_VNNI");  // read per call: tests run both screens
+  return ok && !(env && env[0] == '0');
+}
+
+// The VNNI screen (see the file comment): prepare() splits the input rows into digits and sets each
+// row's `extra` (false: a row's 2^e is out of range; the caller takes the fp32 screen), screen()
+// emits consider(m, n, a_mn) for W rows [n0, n1).
+struct VnniPath {
+  static constexpr int64_t kMaxK = 65536;  // int32 lanes: K / 16 * 4 * 255 * 127 < 2^31
+  int64_t K = 0, Kp = 0, ldxd = 0;
+  std::vector<int8_t> digits;  // per row: hi plane (Kp bytes), lo plane (Kp bytes), zero-padded
+  std::vector<int64_t> corr;   // per row: 128 * (256 sum hi + sum lo), the u8 offset's share
+  std::vector<double> unit;    // per row: 2^(e-8) (a = s_n * (T * 2^(e-8)), the product exact)
+
+  static int64_t tile_rows(int64_t M) { return M >= 4 ? 3 : 4; }
+  static float exact(const float* w, const float* x, int64_t K) { return exact_logit_avx512(w, x, K); }
+
+  bool prepare(const float* xf, std::vector<RowState>& rows, int64_t M, int64_t K_) {
+    K = K_;
+    if (K > kMaxK) return false;
+    Kp = (K + 63) / 64 * 64;
+    ldxd = 2 * Kp;
+    digits.assign(M * ldxd, 0);
+    corr.assign(M, 0);
+    unit.assign(M, 0.0);
+    const double c127 = 127.0 * std::sqrt(static_cast<double>(K));
+    for (int64_t m = 0; m < M; ++m) {
+      if (!rows[m].screened) continue;
+      const float* x = xf + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+      if (amax == 0.f) continue;  // a zero row: digits 0, a = 0, d = 0
+      int e = std::ilogb(amax) - 6;  // the smallest e with amax <= 127 * 2^e
+      if (amax > std::ldexp(127.f, e)) ++e;
+      if (e < -120 || e > 120) return false;
+      int8_t* hi = digits.data() + m * ldxd;
+      int8_t* lo = hi + Kp;
+      int64_t sum = 0;
+      double d2 = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double t = std::ldexp(static_cast<double>(x[k]), -e);  // exact, |t| <= 127
+        const double h = std::nearbyint(t);
+        const double l = std::clamp(std::nearbyint((t - h) * 256.0), -127.0, 127.0);
+        hi[k] = static_cast<int8_t>(h);
+        lo[k] = static_cast<int8_t>(l);
+        sum += 256 * static_cast<int64_t>(h) + static_cast<int64_t>(l);
+        const double d = static_cast<double>(x[k]) - std::ldexp(256.0 * h + l, e - 8);  // one rounding at most
+        d2 += d * d;
+      }
+      corr[m] = 128 * sum;
+      unit[m] = std::ldexp(1.0, e - 8);
+      const double dn = std::sqrt(d2) * (1.0 + 1e-12);
+      rows[m].extra = c127 * (dn + std::ldexp(rows[m].xnorm + dn, -50)) * (1.0 + 1e-9);
+    }
+    return true;
+  }
+
+  template <class Emit>
+  void screen(const int8_t* q, const float* sp, int64_t M, int64_t n0, int64_t n1, const Emit& consider) const {
+    const int64_t pfd = std::max<int64_t>(4, ((int64_t(16384) + K - 1) / K + 3) / 4 * 4);  // ~16 KB ahead
+    alignas(64) int32_t out[32];
+    auto emit = [&](int64_t m0, int mr, int64_t n, int nr) {
+      for (int i = 0; i < mr; ++i)
+        for (int r = 0; r < nr; ++r) {
+          const int64_t m = m0 + i;
+          const int64_t T = 256 * int64_t(out[(i * nr + r) * 2]) + out[(i * nr + r) * 2 + 1] - corr[m];
+          consider(m, n + r, static_cast<double>(sp[n + r]) * (static_cast<double>(T) * unit[m]));
+        }
+    };
+    auto tile = [&](auto nr_tag, int64_t n) {
+      constexpr int nr = decltype(nr_tag)::value;
+      const int8_t* qn = q + n * K;
+      const bool pf = n + pfd + nr <= n1;
+      int64_t m = 0;
+      auto block = [&](auto mr_tag) {
+        constexpr int mr = decltype(mr_tag)::value;
+        if (pf && m == 0) tile_q8_vnni<mr, nr, true>(qn, K, digits.data() + m * ldxd, ldxd, Kp, out, pfd);
+        else tile_q8_vnni<mr, nr, false>(qn, K, digits.data() + m * ldxd, ldxd, Kp, out, pfd);
+        emit(m, mr, n, nr);
+        m += mr;
+      };
+      if constexpr (nr == 3) {
+        while (M - m >= 4) block(std::integral_constant<int, 4>{});
+      }
+      while (M - m >= 2) block(std::integral_constant<int, 2>{});
+      if (M - m == 1) block(std::integral_constant<int, 1>{});
+    };
+    int64_t n = n0;
+    if (M >= 4) {
+      for (; n + 3 <= n1; n += 3) tile(std::integral_constant<int, 3>{}, n);
+    } else {
+      for (; n + 4 <= n1; n += 4) tile(std::integral_constant<int, 4>{}, n);
+    }
+    for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
+  }
 };
 #endif  // x86
 
@@ -398,6 +555,50 @@ void exact_row(const float* wp, const float* xm, int64_t N, int64_t K, float* ou
 #endif
 
 #if defined(__x86_64__) || defined(_M_X64)
+// One screen pass over W rows [n0, n1): consider(m, n, a_mn) with a_mn the screened logit in fp64. The
+// fp32 screens (Avx512Path, Avx2Path): a = fl32(acc * s_n), widened; the VNNI screen computes its own.
+template <class P>
+struct Screen {
+  const float* xf;
+  int64_t M, K;
+  const int8_t* q;
+  const float* sp;
+  Screen(const float* xf_, std::vector<RowState>&, int64_t M_, int64_t K_, const int8_t* q_, const float* sp_)
+      : xf(xf_), M(M_), K(K_), q(q_), sp(sp_) {}
+  int64_t tile_rows() const { return P::tile_rows(M); }
+  template <class Emit>
+  void run(int64_t n0, int64_t n1, const Emit& consider) const {
+    P::screen(q, xf, M, K, n0, n1,
+              [&](int64_t m, int64_t n, float acc) { consider(m, n, static_cast<double>(acc * sp[n])); });
+  }
+};
+
+template <>
+struct Screen<VnniPath> {
+  VnniPath path;
+  int64_t M;
+  const int8_t* q;
+  const float* sp;
+  Screen(const float* xf, std::vector<RowState>& rows, int64_t M_, int64_t K, const int8_t* q_, const float* sp_)
+      : M(M_), q(q_), sp(sp_) {
+    TORCH_CHECK(path.prepare(xf, rows, M, K), "fastlm: ", kOp, ": internal error: VNNI screen not applicable");
+  }
+  int64_t tile_rows() const { return VnniPath::tile_rows(M); }
+  template <class Emit>
+  void run(int64_t n0, int64_t n1, const Emit& consider) const { path.screen(q, sp, M, n0, n1, consider); }
+};
+
+// Whether the VNNI screen takes this call: the CPU has it, K fits, and every screened row's 2^e is in
+// range (checked on a scratch copy of the row states).
+bool vnni_screen_applies(const at::Tensor& x) {
+  if (!screen_use_vnni() || x.size(1) > VnniPath::kMaxK) return false;
+  std::vector<float> xf;
+  std::vector<RowState> rows;
+  screened_rows(x, xf, rows);
+  VnniPath probe;
+  return probe.prepare(xf.data(), rows, x.size(0), x.size(1));
+}
+
 // The screened argmax on path P (Avx512Path / Avx2Path) into res (M,): see the file comment.
 template <class P>
 void argmax_screened(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight, const at::Tensor& scale,
@@ -411,10 +612,11 @@ void argmax_screened(const at::Tensor& x, const at::Tensor& weight, const at::Te
   // Pass 1 (parallel over W rows): screened logits, per-chunk thresholds and candidates.
   const float* sp = scale.data_ptr<float>();
   const float* slp = slack.data_ptr<float>();
+  const Screen<P> scr(xf.data(), rows, M, K, qweight.data_ptr<int8_t>(), sp);
   std::mutex mu;
   std::vector<double> lo_max(M, -std::numeric_limits<double>::infinity());
   std::vector<std::pair<int64_t, std::vector<Candidate>>> chunks;  // (first tile, candidates)
-  const int64_t nr = P::tile_rows(M);
+  const int64_t nr = scr.tile_rows();
   const int64_t tiles = (N + nr - 1) / nr;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1));
   parallel_range(0, tiles, grain, [&](int64_t begin, int64_t end) {
@@ -422,14 +624,12 @@ void argmax_screened(const at::Tensor& x, const at::Tensor& weight, const at::Te
     // ones), and its max of a - e per row in lo
     std::vector<double> lo(M, -std::numeric_limits<double>::infinity());
     std::vector<Candidate> cand;
-    P::screen(qweight.data_ptr<int8_t>(), xf.data(), M, K, begin * nr, std::min(N, end * nr),
-                 [&](int64_t m, int64_t n, float acc) {
-                   if (!rows[m].screened) return;
-                   const double a = static_cast<double>(acc * sp[n]);
-                   const double e = bound(rows[m].xnorm, slp[n]);
-                   if (a - e > lo[m]) lo[m] = a - e;
-                   if (a + e >= lo[m]) cand.push_back({m, n, a});
-                 });
+    scr.run(begin * nr, std::min(N, end * nr), [&](int64_t m, int64_t n, double a) {
+      if (!rows[m].screened) return;
+      const double e = bound(rows[m], slp[n], sp[n]);
+      if (a - e > lo[m]) lo[m] = a - e;
+      if (a + e >= lo[m]) cand.push_back({m, n, a});
+    });
     std::lock_guard<std::mutex> lock(mu);
     for (int64_t m = 0; m < M; ++m) lo_max[m] = std::max(lo_max[m], lo[m]);
     chunks.emplace_back(begin, std::move(cand));
@@ -441,7 +641,7 @@ void argmax_screened(const at::Tensor& x, const at::Tensor& weight, const at::Te
   for (const auto& chunk : chunks)
     for (const auto& [m, n, a] : chunk.second) {
       if (!rows[m].screened) continue;
-      if (a + bound(rows[m].xnorm, slp[n]) >= lo_max[m]) {
+      if (a + bound(rows[m], slp[n], sp[n]) >= lo_max[m]) {
         per_row[m].push_back(n);
         if (static_cast<int64_t>(per_row[m].size()) > cap) rows[m].screened = false;
       }
@@ -476,7 +676,8 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
   int64_t* res = result.data_ptr<int64_t>();
 #if defined(__x86_64__) || defined(_M_X64)
   if (K > 0 && cpu_use_avx512()) {
-    argmax_screened<Avx512Path>(x, weight, qweight, scale, slack, res);
+    if (vnni_screen_applies(x)) argmax_screened<VnniPath>(x, weight, qweight, scale, slack, res);
+    else argmax_screened<Avx512Path>(x, weight, qweight, scale, slack, res);
     return result;
   }
 #endif
@@ -507,14 +708,14 @@ void topk_screened(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   std::vector<float> xf;
   std::vector<RowState> rows;
   screened_rows(x, xf, rows);
-  // Pass 1 (parallel over W rows): the screened logits a (M x N, unscaled sums scaled here).
-  std::vector<float> a(M * N);
-  const int64_t nr = P::tile_rows(M);
+  // Pass 1 (parallel over W rows): the screened logits a (M x N).
+  const Screen<P> scr(xf.data(), rows, M, K, qweight.data_ptr<int8_t>(), sp);
+  std::vector<double> a(M * N);
+  const int64_t nr = scr.tile_rows();
   const int64_t tiles = (N + nr - 1) / nr;
   parallel_range(0, tiles, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(nr * K, 1)),
                  [&](int64_t begin, int64_t end) {
-                   P::screen(qweight.data_ptr<int8_t>(), xf.data(), M, K, begin * nr, std::min(N, end * nr),
-                                [&](int64_t m, int64_t n, float acc) { a[m * N + n] = acc * sp[n]; });
+                   scr.run(begin * nr, std::min(N, end * nr), [&](int64_t m, int64_t n, double v) { a[m * N + n] = v; });
                  });
   const int64_t cap = std::max<int64_t>({N / 16, 256, 4 * k});
   // Rows in parallel (one task each; exact_row inside runs serially then).
@@ -522,12 +723,12 @@ void topk_screened(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     std::vector<double> lo(N), sample, top;
     std::vector<int64_t> cand;
     for (int64_t m = m0; m < m1; ++m) {
-      const float* am = a.data() + m * N;
+      const double* am = a.data() + m * N;
       const float* xm = xf.data() + m * K;
       float* om = outp + m * N;
       bool full = !rows[m].screened || k >= N;
       if (!full) {
-        for (int64_t n = 0; n < N; ++n) lo[n] = static_cast<double>(am[n]) - bound(rows[m].xnorm, slp[n]);
+        for (int64_t n = 0; n < N; ++n) lo[n] = am[n] - bound(rows[m], slp[n], sp[n]);
         // T = the k-th largest lower bound, selected among the rows at or above T0 = the k-th largest of
         // every 16th (T0 <= T: at least k rows pass)
         double T0 = -std::numeric_limits<double>::infinity();
@@ -544,7 +745,7 @@ void topk_screened(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         const double T = top[k - 1];
         cand.clear();
         for (int64_t n = 0; n < N && !full; ++n) {
-          if (static_cast<double>(am[n]) + bound(rows[m].xnorm, slp[n]) >= T) {
+          if (am[n] + bound(rows[m], slp[n], sp[n]) >= T) {
             cand.push_back(n);
             full = static_cast<int64_t>(cand.size()) > cap;
           }
@@ -579,7 +780,8 @@ at::Tensor linear_topk_logits_fwd_cpu(const at::Tensor& x, const at::Tensor& wei
   float* outp = out.data_ptr<float>();
 #if defined(__x86_64__) || defined(_M_X64)
   if (K > 0 && cpu_use_avx512()) {
-    topk_screened<Avx512Path>(x, weight, qweight, scale, slack, k, outp);
+    if (vnni_screen_applies(x)) topk_screened<VnniPath>(x, weight, qweight, scale, slack, k, outp);
+    else topk_screened<Avx512Path>(x, weight, qweight, scale, slack, k, outp);
     return out;
   }
 #endif

@@ -61,6 +61,7 @@
 
 #include "common.h"
 #include "cpu/decode_parallel.h"
+#include "cpu/vnni512.h"
 #include "cpu/vec_utils.h"
 
 namespace fastlm::cpu {
@@ -251,21 +252,6 @@ constexpr int64_t kVnniMaxK = 65536;
 constexpr int kDigits = 4;
 constexpr int64_t kVnniMaxRows = 1;  // at 2+ rows the widening kernel is as fast or faster (see the header)
 
-// v[0..n) (n <= 16) -> out[i] = sum of v[i]'s 16 int32 lanes (a transpose-add tree).
-FASTLM_I8_VNNI_TARGET __attribute__((always_inline)) inline __m512i hsum16_epi32(const __m512i (&a)[16]) {
-  __m512i t[8], u[4], w[2];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
-#pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j)
-    u[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * j], t[2 * j + 1]), _mm512_unpackhi_epi64(t[2 * j], t[2 * j + 1]));
-#pragma GCC unroll 2
-  for (int j = 0; j < 2; ++j)
-    w[j] = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * j], u[2 * j + 1], 0x88), _mm512_shuffle_i32x4(u[2 * j], u[2 * j + 1], 0xDD));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(w[0], w[1], 0x88), _mm512_shuffle_i32x4(w[0], w[1], 0xDD));
-}
-
 // Row x[0, K) -> digits xd[blk][3][64] (u8, padded with 128 = digit 0 to a multiple of 64), given
 // p = 2^-e (a normal fp32).
 FASTLM_I8_VNNI_TARGET inline void split_digits(const float* x, int64_t K, float p, uint8_t* xd) {
@@ -326,7 +312,7 @@ FASTLM_I8_VNNI_TARGET inline void tile_vnni(const int8_t* w, int64_t ldw, const 
       for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (pfd + r) * ldw + b * 64), _MM_HINT_T1);
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[MR * NR * kDigits + r] = _mm512_dpbusd_epi32(acc[MR * NR * kDigits + r], ones, wv[r]);
+    for (int r = 0; r < NR; ++r) dpbusd(acc[MR * NR * kDigits + r], ones, wv[r]);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
@@ -334,24 +320,13 @@ FASTLM_I8_VNNI_TARGET inline void tile_vnni(const int8_t* w, int64_t ldw, const 
         const __m512i xv = _mm512_loadu_si512(xd + m * ldxd + (b * kDigits + d) * 64);
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r)
-          acc[(m * NR + r) * kDigits + d] = _mm512_dpbusd_epi32(acc[(m * NR + r) * kDigits + d], xv, wv[r]);
+          dpbusd(acc[(m * NR + r) * kDigits + d], xv, wv[r]);
       }
   };
   for (int64_t b = 0; b < nfull; ++b) step(b, ~__mmask64(0), std::true_type{});
   if (K > nfull * 64) step(nfull, (~uint64_t(0)) >> (64 - (K - nfull * 64)), std::false_type{});
-  int32_t s[32];
-  {
-    __m512i v[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) v[i] = i < NA ? acc[i] : _mm512_setzero_si512();
-    _mm512_storeu_si512(s, hsum16_epi32(v));
-  }
-  if constexpr (NA > 16) {
-    __m512i v[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) v[i] = 16 + i < NA ? acc[16 + i] : _mm512_setzero_si512();
-    _mm512_storeu_si512(s + 16, hsum16_epi32(v));
-  }
+  alignas(64) int32_t s[32];
+  hsum_epi32<NA>(acc, s);
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) {
       const int64_t corr = int64_t(128) * s[MR * NR * kDigits + r];
