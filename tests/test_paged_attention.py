@@ -33,6 +33,11 @@ def _paged_case(lens, H, Hkv, D, bs, dtype, seed=0):
     return q, k, v, tables
 
 
+def _on(device, *ts):
+    """The tensors on `device` (the parametrized tests build them on CPU, then move them)."""
+    return [t.to(device) for t in ts]
+
+
 def _torch_baseline(q, k, v, tables, seq, lens, scale):
     """The same math by PyTorch in q's dtype (the error bound's baseline)."""
     return pa.paged_attention_fwd_ref(q, k, v, tables, seq, lens, scale) if q.dtype == torch.float32 else \
@@ -62,7 +67,7 @@ def test_paged_decode_matches_ref(device, backend, dtype, H, Hkv, D, bs):
     cl = torch.tensor(lens, dtype=torch.int32)
     scale = 1 / math.sqrt(D)
     with fastlm.use_backend(backend), poison_outputs():
-        out = pa.paged_decode_attention(q, k, v, tables, cl)
+        out = pa.paged_decode_attention(*_on(device, q, k, v, tables, cl)).cpu()
     seq = torch.arange(len(lens), dtype=torch.int32)
     oracle = pa.paged_attention_fwd_ref(q.double(), k.double(), v.double(), tables, seq, cl, scale)
     base = None if dtype == torch.float32 else _low(q, k, v, tables, seq, cl, scale)
@@ -84,7 +89,8 @@ def test_paged_prefill_matches_dense_causal(device, backend, dtype, D):
     qcat = torch.cat(qs)
     qsl = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0)), dtype=torch.int32)
     with fastlm.use_backend(backend), poison_outputs():
-        out = pa.paged_prefill_attention(qcat, k, v, tables, qsl, torch.tensor(totals, dtype=torch.int32))
+        out = pa.paged_prefill_attention(*_on(device, qcat, k, v, tables, qsl, torch.tensor(totals, dtype=torch.int32)))
+    out = out.cpu()
     for r, (L, c) in enumerate(zip(totals, chunks)):
         blocks = tables[r, : (L + bs - 1) // bs].long()
         kk = k[blocks].double().permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :L].repeat_interleave(H // Hkv, 0)
@@ -102,6 +108,7 @@ def test_paged_attention_token_invariance(device, backend, dtype):
     q, k, v, tables = _paged_case([1, 15, 16, 17, 100, 33], 4, 2, 64, 16, dtype)
     lens = torch.tensor([1, 15, 16, 17, 100, 33], dtype=torch.int32)
     seq = torch.arange(6, dtype=torch.int32)
+    q, k, v, tables, seq, lens = _on(device, q, k, v, tables, seq, lens)
     with fastlm.use_backend(backend):
         full = pa.paged_attention(q, k, v, tables, seq, lens)
         for idx in ([4], [1, 4], [5, 4, 0]):
@@ -122,6 +129,7 @@ def test_paged_prefill_token_invariance(device, backend, dtype, H, Hkv, D, bs):
     qc = torch.randn(45, H, D, generator=g)
     seq = torch.tensor([0] * 30 + [1] * 15, dtype=torch.int32)
     lens = torch.tensor(list(range(16, 46)) + list(range(31, 46)), dtype=torch.int32)
+    qc, k, v, tables, seq, lens = _on(device, qc, k, v, tables, seq, lens)
     with fastlm.use_backend(backend):
         full = pa.paged_attention(qc, k, v, tables, seq, lens)
         for t in (0, 11, 12, 13, 29, 30, 44):
@@ -141,7 +149,7 @@ def test_paged_attention_nan(device, backend, dtype):
     blk = int(tables[1, 1])
     k[blk, 0, 0, 3] = float("nan")                        # request 1's position 4, kv head 0
     with fastlm.use_backend(backend):
-        out = pa.paged_decode_attention(q, k, v, tables, torch.tensor([5, 9], dtype=torch.int32))
+        out = pa.paged_decode_attention(*_on(device, q, k, v, tables, torch.tensor([5, 9], dtype=torch.int32))).cpu()
     assert torch.isnan(out[1, 0]).all()
     assert not torch.isnan(out[1, 1]).any() and not torch.isnan(out[0]).any()
 
@@ -152,8 +160,10 @@ def test_paged_kv_write(device, backend, dtype):
     kc, vc = torch.zeros(nb, Hkv, bs, D, dtype=dtype), torch.zeros(nb, Hkv, bs, D, dtype=dtype)
     key, val = torch.randn(6, Hkv, D).to(dtype), torch.randn(6, Hkv, D).to(dtype)
     slots = torch.tensor([0, 3, 4, -1, 19, 9])
+    dkc, dvc = _on(device, kc, vc)
     with fastlm.use_backend(backend):
-        pa.paged_kv_write(key, val, kc, vc, slots)
+        pa.paged_kv_write(*_on(device, key, val), dkc, dvc, slots.to(device))
+    kc, vc = dkc.cpu(), dvc.cpu()
     kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
     pa.paged_kv_write_ref(key, val, kr, vr, slots)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
@@ -168,7 +178,7 @@ def test_paged_kv_write(device, backend, dtype):
 def test_linear_rowwise(device, backend, dtype, M, K, N, act):
     x, w, b = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype), torch.randn(N).to(dtype)
     with fastlm.use_backend(backend), poison_outputs():
-        y = pa.linear_rowwise(x, w, b, act)
+        y = pa.linear_rowwise(*_on(device, x, w, b), act).cpu()
     oracle = pa.linear_rowwise_fwd_ref(x.double(), w.double(), b.double(), act)
     base = pa.linear_rowwise_fwd_ref(x, w, b, act) if dtype != torch.float32 else None
     assert_close(f"linear_rowwise {backend} {dtype}", y, oracle, base,
