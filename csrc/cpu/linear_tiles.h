@@ -4,6 +4,7 @@
 // tile_avx512<1, NR, 2> over the whole K (the same value for a W row whatever NR); otherwise the
 // one-row stream row_times_rows<1, 4> (AVX2 + FMA when built with them, else scalar).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -106,6 +107,10 @@ FASTLM_TILE_TARGET inline void tile_avx512(const WT* w, int64_t ldw, const float
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
+  // Prefetch distance: the W rows ~16 KB after this tile's (a whole number of tiles, at least the next
+  // one), into L2 (see below).
+  const int64_t row_bytes = ldw * static_cast<int64_t>(sizeof(WT));
+  const int64_t pfd = std::max<int64_t>(1, (int64_t(16384) + NR * row_bytes - 1) / (NR * row_bytes)) * NR;
   int64_t k = 0;
   for (; k + 16 * U <= K; k += 16 * U) {
     __m512 wv[NR][U];
@@ -113,14 +118,14 @@ FASTLM_TILE_TARGET inline void tile_avx512(const WT* w, int64_t ldw, const float
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) wv[r][u] = load_w16(w + r * ldw + k + 16 * u);
-    // Prefetch the next tile's W rows (contiguous after this tile's), a line per row and step: the
-    // DRAM latency hides behind this tile's FMAs (measured 2x at 8 rows; prefetching past the end
-    // of W is harmless).
+    // Prefetch the W rows pfd ahead (contiguous after this tile's), a line per row and step, to L2:
+    // enough lines in flight for one core to stream W from DRAM near the plain read rate (the next
+    // tile only, to L1, reached ~55% of it; prefetching past the end of W is harmless).
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + k + 16 * u), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (pfd + r) * ldw + k + 16 * u), _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
