@@ -93,7 +93,8 @@ TORCH_LIBRARY(fastlm_C, m) {
   // quantized per row (a_scale = max|x| / 127, xq = rint(x / a_scale) in [-127, 127]), qweight (N, K) int8,
   // scale (N,) fp32 per output channel, bias (N,) in x's dtype; packed: linear_w8a8_pack(qweight) or
   // None (packed per call). -> (M, N) in x's dtype.
-  m.def("linear_w8a8_fwd(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, Tensor? packed) -> Tensor");
+  // activation: "none", or GELU ("tanh" / "erf" form) applied to that output.
+  m.def("linear_w8a8_fwd(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, Tensor? packed, str activation=\"none\") -> Tensor");
   // qweight (N, K) int8 -> the kernel's packed weight (uint8: 16-channel x 4-k blocks, then int32 column sums).
   m.def("linear_w8a8_pack(Tensor qweight) -> Tensor");
   // ---- end [linear_w8a8] ----

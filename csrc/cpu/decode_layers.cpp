@@ -49,12 +49,12 @@ at::Tensor call_linear_int8(const at::Tensor& x, const at::Tensor& q, const at::
 }
 
 at::Tensor call_linear_w8a8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& b,
-                            const at::Tensor& packed) {
+                            const at::Tensor& packed, c10::string_view activation = "none") {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastlm_C::linear_w8a8_fwd", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const OptT&, const OptT&)>();
-  return op.call(x, q, scale, b, packed);
+                                               const OptT&, const OptT&, c10::string_view)>();
+  return op.call(x, q, scale, b, packed, activation);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_add_layer_norm(const at::Tensor& x, const at::Tensor& res,
@@ -141,6 +141,12 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
       if (w8a8) return call_linear_w8a8(in, w[wi], w[kPerLayer + i], w[wi + 1], w[kPerLayerInt8 + i]);
       return call_linear_int8(in, w[wi], w[kPerLayer + i], w[wi + 1]);
     };
+    // fc + GELU: W8A8 fuses the GELU into linear_w8a8_fwd (as the Python step's Int8Linear.forward_gelu)
+    auto fc_gelu = [&](const at::Tensor& in) {
+      if (w8a8)
+        return call_linear_w8a8(in, w[6], w[kPerLayer + 2], w[7], w[kPerLayerInt8 + 2], approx == "none" ? "erf" : "tanh");
+      return at::gelu(linear(in, 2, 6), approx);
+    };
     const at::Tensor qkv = linear(x, 0, 0).view({B, 3, H, D});
     const at::Tensor q = qkv.select(1, 0);
     const at::Tensor kl = k_cache.select(0, l), vl = v_cache.select(0, l);
@@ -161,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
     at::Tensor a = call_decode_attention(q, kl, vl, lengths, scale);
     a = linear(a.reshape({B, C}), 1, 2);
     std::tie(x, h) = call_add_layer_norm(a, h, w[4], w[5], eps[2 * l]);
-    const at::Tensor m = linear(at::gelu(linear(x, 2, 6), approx), 3, 8);
+    const at::Tensor m = linear(fc_gelu(x), 3, 8);
     std::tie(x, h) = call_add_layer_norm(m, h, w[10], w[11], eps[2 * l + 1]);
   }
   return {x, h};

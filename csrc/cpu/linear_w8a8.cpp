@@ -7,6 +7,9 @@
 //   acc[m, n]  = sum_k xq[m, k] * qweight[n, k]              (int32, exact: see kMaxK)
 //   y[m, n]    = (float(acc) * a_scale[m]) * scale[n] + bias[n]   (fp32, in this order, no FMA), then
 //                rounded once to x's dtype.
+// activation "tanh" / "erf" then applies GELU to y (as rounded to x's dtype; computed in fp32, rounded
+// again; csrc/cpu/gelu_fast.h: the tanh form through exp512, a few ulps from torch's), rows in
+// parallel right after the GEMM: the fc of a W8A8 FFN without a separate F.gelu call and pass.
 // A row whose a_scale is 0 (all zeros, or max|x| / 127 underflows) has xq = 0 (y = bias); a row with a
 // NaN / inf has a_scale = NaN and xq = 0 (y = NaN: the non-finite input shows). x may be fp32 / fp16 /
 // bf16 (widened to fp32 exactly first); scale is per output channel (N,) fp32 only.
@@ -57,6 +60,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -65,6 +69,7 @@
 #endif
 
 #include "common.h"
+#include "cpu/gelu_fast.h"
 #include "cpu/vec_utils.h"
 
 namespace fastlm::cpu {
@@ -502,8 +507,28 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const float* scale, con
   gemm_scalar<T>(xa.data(), M, d.Kp, qweight.data_ptr<int8_t>(), K, N, as.data(), scale, bias, yp);
 }
 
+// y (M, N) = GELU(y) in place, rows in parallel (act 1: tanh form, 2: erf form).
+template <typename T>
+void gelu_rows_inplace(T* y, int64_t M, int64_t N, int act) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
+    std::vector<float> f(std::is_same_v<T, float> ? 0 : N);
+    for (int64_t m = b; m < e; ++m) {
+      if constexpr (std::is_same_v<T, float>) {
+        gelu_row_fp32(y + m * N, N, act == 1);
+      } else {
+        row_to_float(y + m * N, f.data(), N);
+        gelu_row_fp32(f.data(), N, act == 1);
+        row_from_float(f.data(), y + m * N, N);
+      }
+    }
+  });
+}
+
 at::Tensor linear_w8a8_fwd_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& packed) {
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& packed,
+                               c10::string_view activation) {
+  const int act = activation == "none" ? 0 : activation == "tanh" ? 1 : activation == "erf" ? 2 : -1;
+  FASTLM_CHECK(act >= 0, kOp, "activation must be 'none', 'tanh' or 'erf', got '", std::string(activation), "'");
   check_rows(x, kOp, "input");
   check_qweight(qweight, kOp);
   FASTLM_CHECK(qweight.device() == x.device(), kOp, "qweight is on ", qweight.device(), ", input on ", x.device());
@@ -528,6 +553,7 @@ at::Tensor linear_w8a8_fwd_cpu(const at::Tensor& x, const at::Tensor& qweight, c
     }
     run<scalar_t>(x, qweight, scale.data_ptr<float>(), b ? bf.data() : nullptr, pk ? *pk : at::Tensor(),
                   pick_path(K), y);
+    if (act) gelu_rows_inplace<scalar_t>(y.data_ptr<scalar_t>(), M, N, act);
   });
   return y;
 }

@@ -23,7 +23,7 @@ from torch import Tensor
 from fastlm import ops
 from fastlm.nn import LayerNorm
 from fastlm.ops.linear import dense_linear as linear   # F.linear; oneDNN's GEMM on CPU fp32
-from fastlm.nn.quant_linear import QUANT_LINEARS
+from fastlm.nn.quant_linear import QUANT_LINEARS, Int8Linear
 
 
 def _proj(mod: torch.nn.Module, x: Tensor) -> Tensor:
@@ -78,7 +78,9 @@ class BertLayer(torch.nn.Module):
         a = ops.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         a = _proj(self.proj, a.transpose(1, 2).reshape(B, S, H))
         x, _ = ops.add_layer_norm(a, x, (H,), self.ln_attn.weight, self.ln_attn.bias, self.ln_attn.eps)
-        if isinstance(self.fc1, QUANT_LINEARS):     # quantized (fastlm.quantize): fc1 -> GELU -> fc2
+        if isinstance(self.fc1, Int8Linear):        # int8 (fastlm.quantize): fc1 + GELU (fused under W8A8) -> fc2
+            y = self.fc2(self.fc1.forward_gelu(x, self.approximate))
+        elif isinstance(self.fc1, QUANT_LINEARS):   # bf16 weights: fc1 -> GELU -> fc2
             y = self.fc2(torch.nn.functional.gelu(self.fc1(x), approximate=self.approximate))
         else:
             y = ops.gelu_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,

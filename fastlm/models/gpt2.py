@@ -205,6 +205,8 @@ class GPT2(torch.nn.Module):
                              device=self.wte.weight.device)
 
     def _mlp(self, blk: Block, x: Tensor) -> Tensor:
+        if isinstance(blk.fc, Int8Linear):        # W8A8 fuses the GELU into the fc call
+            return _proj(blk.proj, blk.fc.forward_gelu(x, self.config.activation))
         if isinstance(blk.fc, QUANT_LINEARS):
             return _proj(blk.proj, F.gelu(blk.fc(x), approximate=self.config.activation))
         if x.dim() == 2 and x.shape[0] <= 16:
@@ -492,7 +494,8 @@ class GPT2(torch.nn.Module):
             a = att(q, cache.keys(layer), cache.values(layer), lens, scale)
             a = proj(blk.c_proj, a.reshape(B, c.n_embd))
             x, h = ln(a, h, blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            m = proj(blk.proj, F.gelu(proj(blk.fc, x), approximate=act))
+            g = blk.fc.forward_gelu(x, act) if getattr(proj, "w8a8", False) else F.gelu(proj(blk.fc, x), approximate=act)
+            m = proj(blk.proj, g)
             nxt = self.blocks[layer + 1].ln_1 if layer + 1 < nb else self.ln_f
             x, h = ln(m, h, nxt.weight, nxt.bias, nxt.eps)
         cache.advance()

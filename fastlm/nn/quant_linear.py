@@ -172,6 +172,17 @@ class Int8Linear(torch.nn.Module):
             return ops.linear_w8a8(input, self.qweight, self.scale, b, packed=self.w8a8_packed())
         return ops.linear_int8(input, self.qweight, self.scale, b)
 
+    def forward_gelu(self, input: Tensor, approximate: str = "none") -> Tensor:
+        """F.gelu(self(input), approximate=approximate); with W8A8 activations on 2+ rows the GELU is
+        fused into the W8A8 call (ops.linear_w8a8's activation: one call, no separate pass)."""
+        if getattr(self, "activations", None) == "int8" and input.dim() and input.numel() >= 2 * input.shape[-1] > 0:
+            b = self.bias
+            if b is not None and b.dtype != input.dtype:
+                b = b.to(input.dtype)
+            return ops.linear_w8a8(input, self.qweight, self.scale, b, packed=self.w8a8_packed(),
+                                   activation="tanh" if approximate == "tanh" else "erf")
+        return F.gelu(self(input), approximate=approximate)
+
     def w8a8_packed(self) -> Optional[Tensor]:
         """The CPU W8A8 kernel's packed copy of qweight (fastlm.ops.linear_w8a8_pack), built on first use
         and kept in the module's __dict__ (not a buffer: not in state_dict, not moved by .to()); rebuilt

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import _ext, backends
@@ -46,9 +47,10 @@ def _impl(backend: str):
     return linear_w8a8_fwd_ref
 
 
-def _run(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], packed: Optional[Tensor]) -> Tensor:
+def _run(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], packed: Optional[Tensor],
+         activation: str = "none") -> Tensor:
     backend = backends.select(OP, x.device, _supports(x, bias))
-    return _impl(backend)(x, qweight, scale, bias, packed if backend == "cpu" else None)
+    return _impl(backend)(x, qweight, scale, bias, packed if backend == "cpu" else None, activation)
 
 
 @torch.library.custom_op("fastlm::linear_w8a8_fwd", mutates_args=())
@@ -96,17 +98,23 @@ def linear_w8a8_pack(qweight: Tensor) -> Optional[Tensor]:
     return torch.ops.fastlm_C.linear_w8a8_pack(qweight.contiguous())
 
 
+_ACTIVATIONS = {"none": None, "tanh": "tanh", "erf": "none"}   # activation -> F.gelu's approximate
+
+
 def linear_w8a8(input: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
-                packed: Optional[Tensor] = None) -> Tensor:
+                packed: Optional[Tensor] = None, activation: str = "none") -> Tensor:
     """y = quant(input) @ qweight^T, dequantized: the W8A8 linear (see the module docstring for the
     exact math). ~= F.linear(input, qweight.float() * scale[:, None], bias), with each input row also
     rounded to 255 levels (per-row scale max|x| / 127).
 
     input: (*, K) float32/float16/bfloat16; qweight: (N, K) int8; scale: (N,) float32 per output channel
     (per-group (N, G) scales raise ValueError); bias: (N,) in input's dtype or None; packed:
-    linear_w8a8_pack(qweight) or None (then each call packs the weight itself). Returns (*, N) in
-    input's dtype."""
+    linear_w8a8_pack(qweight) or None (then each call packs the weight itself); activation: "none", or
+    GELU of the output, "tanh" or "erf" form (in eager inference fused into the kernel's call, else
+    F.gelu on the op's output). Returns (*, N) in input's dtype."""
     op = OP
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"fastlm.ops.{op}: activation must be 'none', 'tanh' or 'erf', got {activation!r}")
     x2, q, s, b = quantized_call(op, input, qweight, scale, bias)
     if scale.dim() != 1:
         raise ValueError(f"fastlm.ops.{op}: scale must have shape ({qweight.shape[0]},) (per output channel): "
@@ -115,7 +123,9 @@ def linear_w8a8(input: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Te
         raise TypeError(f"fastlm.ops.{op}: packed must be linear_w8a8_pack(qweight) (a 1-D uint8 tensor) or None")
     N = qweight.shape[0]
     if eager_inference(x2, b):
-        y = _run(x2, q, s, b, packed)  # inference: the chosen backend directly (no custom-op wrapper)
+        y = _run(x2, q, s, b, packed, activation)  # inference: the chosen backend directly (no custom op)
     else:
         y = linear_w8a8_fwd(x2, q, s, b, packed)
+        if activation != "none":
+            y = F.gelu(y, approximate=_ACTIVATIONS[activation])
     return y.view(*input.shape[:-1], N)

@@ -369,16 +369,20 @@ def quantize_rows_int8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def linear_w8a8_fwd_ref(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
-                        packed: Tensor | None = None) -> Tensor:
+                        packed: Tensor | None = None, activation: str = "none") -> Tensor:
     """x (M, K) float, qweight (N, K) int8, scale (N,) fp32 per output channel, bias (N,)? -> (M, N) in
     x's dtype; packed (the C++ kernel's packed weight) is ignored.
        xq, a_scale = quantize_rows_int8_ref(x);  acc = xq @ qweight^T (exact: integers in fp64, |acc| < 2^53)
        y = (float32(acc) * a_scale[m]) * scale[n] + bias[n]   (fp32, each op rounded; then x's dtype)
     The CPU kernel (csrc/cpu/linear_w8a8.cpp) computes acc exactly in int32 and the same epilogue, so
-    its outputs are bit-identical to these."""
+    its outputs are bit-identical to these. activation "tanh" / "erf": then GELU (that form) of y in
+    x's dtype, computed in fp32 (the kernel's tanh form is a few ulps from torch's)."""
     xq, a_scale = quantize_rows_int8_ref(x)
     acc = xq.double() @ qweight.double().t()
     y = (acc.float() * a_scale[:, None]) * scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    if activation != "none":
+        y = torch.nn.functional.gelu(y.float(), approximate="tanh" if activation == "tanh" else "none").to(x.dtype)
+    return y
