@@ -540,3 +540,75 @@ def test_multihead_attention(batch_first, masks):
     o3, w3 = ref(x, key, key, need_weights=True, **kw)
     torch.testing.assert_close(o2, o3)
     torch.testing.assert_close(w2, w3)
+
+
+# ---------------------------------------------- CPU fused forward ----------------------------------------------
+
+# (B, H, Hkv, Sq, Sk, D, Dv, mask kind, causal) for the CPU forward's AVX-512 path taken without dropout and with no
+# mask or a key-padding one (attention.cpp, fused_fwd_worker512; on other CPUs the same cases check the blocked
+# kernel): head dims 32/40/64 and value head dims off 16, query blocks of 64 with tails of 1..63 rows, key tiles of
+# 6/8/12 with tails, more than 512 keys (chunks of 512, O rescaled between them), causal across chunks, a fully
+# masked batch and leading masked keys (padblk), GQA.
+FUSED_CASES = [
+    (2, 12, 12, 128, 128, 32, 32, "pad", False),       # MiniLM-L6 attention
+    (1, 3, 3, 97, 97, 32, 32, None, True),
+    (2, 2, 1, 65, 200, 40, 40, "padblk_add", False),
+    (3, 2, 2, 50, 77, 64, 24, "padblk", False),
+    (1, 2, 2, 129, 700, 32, 32, "pad", False),          # two key chunks
+    (1, 2, 1, 600, 1100, 64, 64, None, True),          # three key chunks, causal
+    (3, 2, 2, 20, 1030, 40, 72, "padblk_add", False),  # key chunks; value columns in panels of 64 + 8
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_fused_forward(dtype):
+    """Forward and backward parity of the CPU kernels on FUSED_CASES (NaN-poisoned outputs: every element and
+    lse must be written), fp32 and the half types (their K/V converted per head, output through fp32 rows)."""
+    if "cpu" not in fastlm.available_backends(OP, "cpu"):
+        pytest.skip("fastlm._C has no CPU attention kernels")
+    cases = FUSED_CASES if dtype == torch.float32 else FUSED_CASES[::2]
+    for case in cases:
+        _check_parity("cpu", "cpu", dtype, case)
+
+
+@pytest.mark.parametrize("S,D,causal", [(128, 32, False), (77, 32, True), (700, 64, False)])
+def test_cpu_fused_forward_strided_qkv(S, D, causal):
+    """q, k, v as strided views of one (B, S, 3, H, D) projection (BERT's fused QKV: read in place), with a
+    (B, 1, 1, S) key-padding mask (one batch fully masked: zeros, lse -inf) or causal; out and lse of the raw op
+    against fp64, and NaN inputs make the NaN rows torch makes."""
+    if "cpu" not in fastlm.available_backends(OP, "cpu"):
+        pytest.skip("fastlm._C has no CPU attention kernels")
+    B, H = 3, 4
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, S, 3, H, D, generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D), views
+    assert not q.is_contiguous()
+    mask = None
+    if not causal:
+        keep = torch.ones(B, S, dtype=torch.bool)
+        keep[1, S // 3:] = False
+        keep[2] = False
+        mask = torch.zeros(B, 1, 1, S).masked_fill(~keep.view(B, 1, 1, S), float("-inf"))
+    scale = 1 / math.sqrt(D)
+    raw_mask = None if mask is None else mask.expand(B, H, S, S)
+    with poison_outputs():
+        out, lse = torch.ops.fastlm_C.attention_fwd(q, k, v, raw_mask, scale, causal, 0.0, None)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.double()
+    if causal:
+        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    lse_ref = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows that see no key: zeros
+    ref = p @ v.double()
+    base = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).nan_to_num(0.0)
+    assert_close(f"strided S={S} D={D} out", out, ref, base)
+    dead = torch.isinf(lse_ref)
+    assert torch.equal(torch.isinf(lse), dead) and (lse[dead] < 0).all()
+    assert_close(f"strided S={S} D={D} lse", lse[~dead], lse_ref[~dead], None, atol=1e-5)
+    qn, kn = q.clone(), k.clone()
+    qn[0, 0, 5, 3] = float("nan")
+    kn[0, 1, S // 2, 2] = float("nan")
+    out, _ = torch.ops.fastlm_C.attention_fwd(qn, kn, v, None, scale, causal, 0.0, None)
+    want = F.scaled_dot_product_attention(qn, kn, v, is_causal=causal).isnan()
+    assert torch.equal(out.isnan(), want)

@@ -14,7 +14,9 @@
 // m, sum l, rescaled output accumulator; one register pass per row with exp512 / exp256), O += P V.
 // Key blocks above the causal diagonal are skipped, and so are key blocks a row-independent mask (a
 // (B, 1, 1, Sk) key-padding mask, read through its stride-0 broadcast) masks fully. Memory O(S),
-// never S x S.
+// never S x S. On AVX-512 CPUs, without dropout and with no mask or a key-padding one (encoders: BERT,
+// MiniLM), the forward takes a fused path instead (fused_fwd_worker512): S^T per query block with the
+// softmax down the keys, fp32 K/V read in place, see its header.
 // Backward (FlashAttention-2 style, recomputing P from the saved logsumexp): at::parallel_for over
 // (batch, kv head); the task owns dK, dV of its kv head and dQ of the heads of its group, all in
 // fp32, so no atomics and a schedule-independent result. Per (key block, query block):
@@ -35,6 +37,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -492,6 +495,425 @@ void softmax_step256(float* S, int64_t bq, float* m, float* l, float* O, int64_t
 }
 #endif
 
+// ------------------------------ forward, fused path for AVX-512 CPUs ------------------------------
+// attention_fwd_kernel's path on CPUs with AVX-512 when there is no dropout and no mask or a
+// row-independent (key-padding) one: encoder attention (BERT, MiniLM: head dims 32..128, 64..512 keys).
+// Same tasks (b, h, block of kFQ = 64 query rows), computed on S^T (keys x query lanes) so that the
+// softmax never reduces across lanes:
+//   1. S^T = K Q'^T with Q' = Q * scale * log2(e) (the softmax runs in base 2): K broadcast from its
+//      own rows (fp32: read in place through its strides, no K^T panel), Q'^T a (D x 64) panel packed
+//      per task. The tile's epilogue adds the key bias (mask * log2(e)), applies the causal limit and
+//      keeps each query lane's running max m: a vertical max, no horizontal reduction.
+//   2. P^T = 2^(S^T - m) in place and l = the per-lane sum, one pass (exp2_512).
+//   3. O = P V with P^T read in place (one broadcast per query row) and V from its own rows (fp32: in
+//      place), the accumulators in registers over all keys of the chunk; the epilogue scales by 1 / l
+//      and writes the output rows (fp32: straight into `out`).
+// Keys come in chunks of kFK = 512: up to 512 keys there is one chunk and nothing is rescaled; longer
+// rows keep O in fp32 between chunks, rescaled by 2^(m_old - m_new) (online softmax). Deterministic: a
+// fixed order of every sum, whatever the thread count. Why it wins over the blocked kernel above at small
+// head dims: no per-row horizontal max / sum, no alpha rescaling below 512 keys, no K^T / V / Q / O copies,
+// and tiles whose inner loops keep 24 accumulators busy (QK 6 keys x 64 queries, PV 8 x 32 or 6 x 64).
+// Measured 1 thread (Zen 4), q/k/v strided views of a fused QKV projection as in BERT: (1, 12, 128, 32)
+// ~440 -> ~290 us, (1, 12, 128, 64) ~770 -> ~550 us, (4, 12, 512, 64) ~41 -> ~34 ms.
+#if defined(FASTLM_ATTN_AVX512)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same, from _mm512_max_ps
+
+constexpr int64_t kFQ = 64;   // query rows per task (4 vectors of 16 lanes); row stride of Q'^T and S^T
+constexpr int64_t kFK = 512;  // keys per chunk
+constexpr double kLog2e = 1.4426950408889634;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^t on 16 lanes for t <= 0: t = n + f with n = round(t), |f| <= 1/2 (exact), 2^f by a degree-5
+// minimax polynomial (relative error 2.1e-7 evaluated in fp32, exp512's Taylor form has 2.3e-7, with
+// 2 operations fewer and no Cody-Waite step), times 2^n by vscalefps. -inf (a masked score) clamps to
+// 2^-200 = 0 exactly; NaN stays NaN (vmaxps returns its second operand on NaN), so a NaN score makes
+// a NaN row, as in torch.
+inline __m512 exp2_512(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-200.f), t);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3276472454890609e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675540961325169e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// S^T tile of R keys x NQ vectors of query lanes: ST[r] = kbias[r] + sum_d K[r][d] QT[d] (kbias may
+// be null); causal: lanes of queries i < key j get -inf; mrun = max(mrun, ST[r]) over the rows. The max
+// takes the running value on NaN (vmaxps), so a NaN score never becomes m: it reaches exp2_512 and
+// makes its row NaN there.
+template <int R, int NQ>
+inline void qk_tile(int64_t D, const float* K, int64_t ldk, const float* QT, float* ST, const float* kbias,
+                    bool causal, int64_t key0, int64_t i0, float* mrun) {
+  __m512 c[R][NQ];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {  // the key bias as the accumulators' start
+    const __m512 bv = kbias != nullptr ? _mm512_set1_ps(kbias[r]) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int n = 0; n < NQ; ++n) c[r][n] = bv;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 qd[NQ];
+#pragma GCC unroll 4
+    for (int n = 0; n < NQ; ++n) qd[n] = _mm512_loadu_ps(QT + d * kFQ + n * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(K[r * ldk + d]);
+#pragma GCC unroll 4
+      for (int n = 0; n < NQ; ++n) c[r][n] = _mm512_fmadd_ps(a, qd[n], c[r][n]);
+    }
+  }
+  if (causal && key0 + R - 1 > i0) {  // a key after some query of the block
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int n = 0; n < NQ; ++n) {
+        const __m512i qi = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i0 + n * 16)), lane);
+        const __mmask16 dead = _mm512_cmplt_epi32_mask(qi, _mm512_set1_epi32(static_cast<int>(key0 + r)));
+        c[r][n] = _mm512_mask_mov_ps(c[r][n], dead, _mm512_set1_ps(kNegInf));
+      }
+  }
+#pragma GCC unroll 4
+  for (int n = 0; n < NQ; ++n) {
+    __m512 mv = _mm512_loadu_ps(mrun + n * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) mv = _mm512_max_ps(c[r][n], mv);
+    _mm512_storeu_ps(mrun + n * 16, mv);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int n = 0; n < NQ; ++n) _mm512_storeu_ps(ST + r * kFQ + n * 16, c[r][n]);
+}
+
+template <int NQ, int R>
+inline void qk_tail(int64_t rows, int64_t D, const float* K, int64_t ldk, const float* QT, float* ST,
+                    const float* kbias, bool causal, int64_t key0, int64_t i0, float* mrun) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      qk_tile<R, NQ>(D, K, ldk, QT, ST, kbias, causal, key0, i0, mrun);
+    else
+      qk_tail<NQ, R - 1>(rows, D, K, ldk, QT, ST, kbias, causal, key0, i0, mrun);
+  }
+}
+
+// S^T rows of nk keys (key0 = the first one's index) for NQ query vectors; tiles of MR keys keep 24
+// accumulators (NQ = 4: 6 keys; 2: 12) in registers, K broadcast from memory.
+template <int NQ>
+void qk_block(int64_t nk, int64_t D, const float* K, int64_t ldk, const float* QT, float* ST, const float* kbias,
+              bool causal, int64_t key0, int64_t i0, float* mrun) {
+  constexpr int MR = NQ == 4 ? 6 : NQ == 3 ? 8 : 12;
+  int64_t j = 0;
+  for (; j + MR <= nk; j += MR)
+    qk_tile<MR, NQ>(D, K + j * ldk, ldk, QT, ST + j * kFQ, kbias ? kbias + j : nullptr, causal, key0 + j, i0, mrun);
+  if (j < nk)
+    qk_tail<NQ, MR - 1>(nk - j, D, K + j * ldk, ldk, QT, ST + j * kFQ, kbias ? kbias + j : nullptr, causal, key0 + j,
+                        i0, mrun);
+}
+
+// P^T = 2^(S^T - m) in place over nk key rows; lsum = the per-lane sums. A lane with m = -inf (it saw no
+// key yet: its scores are -inf or NaN) subtracts the lowest float instead: -inf -> 0, NaN stays NaN.
+template <int NQ>
+void exp_block(float* ST, int64_t nk, const float* mrun, float* lsum) {
+  __m512 mv[NQ], ls[NQ];
+#pragma GCC unroll 4
+  for (int n = 0; n < NQ; ++n) {
+    mv[n] = _mm512_max_ps(_mm512_loadu_ps(mrun + n * 16), _mm512_set1_ps(std::numeric_limits<float>::lowest()));
+    ls[n] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+#pragma GCC unroll 4
+    for (int n = 0; n < NQ; ++n) {
+      float* p = ST + j * kFQ + n * 16;
+      const __m512 e = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(p), mv[n]));
+      _mm512_storeu_ps(p, e);
+      ls[n] = _mm512_add_ps(ls[n], e);
+    }
+  }
+#pragma GCC unroll 4
+  for (int n = 0; n < NQ; ++n) _mm512_storeu_ps(lsum + n * 16, ls[n]);
+}
+
+// O tile of R query rows x NV vectors of value columns (the last one masked by `last`):
+// acc = cin ? cin[r] * alpha[r] : 0, acc += sum_j PT[j][r] V[j] over nk keys, dst[r] = acc (* rs[r]).
+// cin and dst have the row stride ldd (cin == dst: the fp32 O of the previous chunks, in place).
+template <int R, int NV>
+inline void pv_tile(int64_t nk, const float* PT, const float* V, int64_t ldv, __mmask16 last, const float* cin,
+                    const float* alpha, float* dst, int64_t ldd, const float* rs) {
+  __m512 c[R][NV];
+  if (cin != nullptr) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 mk = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+        c[r][v] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, cin + r * ldd + v * 16), a);
+      }
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      b[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, V + j * ldv + v * 16) : _mm512_loadu_ps(V + j * ldv + v * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(PT[j * kFQ + r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const __m512 s = _mm512_set1_ps(rs != nullptr ? rs[r] : 1.f);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mk = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      _mm512_mask_storeu_ps(dst + r * ldd + v * 16, mk, rs != nullptr ? _mm512_mul_ps(c[r][v], s) : c[r][v]);
+    }
+  }
+}
+
+template <int NV, int R>
+inline void pv_tail(int64_t rows, int64_t nk, const float* PT, const float* V, int64_t ldv, __mmask16 last,
+                    const float* cin, const float* alpha, float* dst, int64_t ldd, const float* rs) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      pv_tile<R, NV>(nk, PT, V, ldv, last, cin, alpha, dst, ldd, rs);
+    else
+      pv_tail<NV, R - 1>(rows, nk, PT, V, ldv, last, cin, alpha, dst, ldd, rs);
+  }
+}
+
+// O rows [0, bq) for one panel of NV value vectors, in tiles of MR query rows (16 to 24 accumulators; 8 rows
+// at NV = 2 so that a block of 64 rows has no tail tile).
+template <int NV>
+void pv_rows(int64_t bq, int64_t nk, const float* PT, const float* V, int64_t ldv, __mmask16 last, const float* cin,
+             const float* alpha, float* dst, int64_t ldd, const float* rs) {
+  constexpr int MR = NV == 4 ? 6 : NV == 3 ? 8 : NV == 2 ? 8 : 16;
+  int64_t i = 0;
+  for (; i + MR <= bq; i += MR)
+    pv_tile<MR, NV>(nk, PT + i, V, ldv, last, cin ? cin + i * ldd : nullptr, alpha + i, dst + i * ldd, ldd,
+                    rs ? rs + i : nullptr);
+  if (i < bq)
+    pv_tail<NV, MR - 1>(bq - i, nk, PT + i, V, ldv, last, cin ? cin + i * ldd : nullptr, alpha + i, dst + i * ldd,
+                        ldd, rs ? rs + i : nullptr);
+}
+
+// O (bq x Dv, row stride ldd) = P V over nk keys, in column panels of up to 64 (4 vectors).
+void pv_block(int64_t bq, int64_t nk, const float* PT, const float* V, int64_t ldv, int64_t Dv, const float* cin,
+              const float* alpha, float* dst, int64_t ldd, const float* rs) {
+  for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+    const int64_t w = std::min<int64_t>(64, Dv - d0);
+    const __mmask16 last = tail_mask(w - (w - 1) / 16 * 16);
+    const float* ci = cin ? cin + d0 : nullptr;
+    switch ((w + 15) / 16) {
+      case 4: pv_rows<4>(bq, nk, PT, V + d0, ldv, last, ci, alpha, dst + d0, ldd, rs); break;
+      case 3: pv_rows<3>(bq, nk, PT, V + d0, ldv, last, ci, alpha, dst + d0, ldd, rs); break;
+      case 2: pv_rows<2>(bq, nk, PT, V + d0, ldv, last, ci, alpha, dst + d0, ldd, rs); break;
+      default: pv_rows<1>(bq, nk, PT, V + d0, ldv, last, ci, alpha, dst + d0, ldd, rs); break;
+    }
+  }
+}
+
+// 16 x 16 transpose in registers: x[i][j] -> x[j][i] (unpack pairs, then 4 x 4 blocks, then 128-bit lanes).
+inline void transpose16x16(__m512 x[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // x[4i + j], 128-bit lane k: column 4k + j of rows 4i..4i+3
+    x[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    x[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    x[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    x[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(x[j], x[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(x[j], x[4 + j], 0xDD);
+    t[8 + j] = _mm512_shuffle_f32x4(x[8 + j], x[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(x[8 + j], x[12 + j], 0xDD);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    x[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    x[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+    x[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    x[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
+  }
+}
+
+// Q'^T panel (D x kFQ): QT[d][r] = q_r[d] * sc for the bq rows q_r = q + r * ldq (fp32), zero in lanes
+// [bq, 16 ceil(bq / 16)); 16 x 16 blocks transposed in registers.
+inline void pack_qt512(const float* q, int64_t ldq, int64_t bq, int64_t D, float sc, float* QT) {
+  const __m512 vs = _mm512_set1_ps(sc);
+  for (int64_t r0 = 0; r0 < bq; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, bq - r0);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t nd = std::min<int64_t>(16, D - d0);
+      const __mmask16 mk = tail_mask(nd);
+      __m512 x[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        x[i] = i < nr ? _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, q + (r0 + i) * ldq + d0), vs) : _mm512_setzero_ps();
+      transpose16x16(x);
+      for (int64_t i = 0; i < nd; ++i) _mm512_storeu_ps(QT + (d0 + i) * kFQ + r0, x[i]);
+    }
+  }
+}
+
+// 64-byte aligned fp32 scratch (zmm rows that do not straddle cache lines).
+struct AlignedBuf {
+  std::vector<float> v;
+  float* p = nullptr;
+  explicit AlignedBuf(int64_t n) : v(static_cast<size_t>(n + 16)) {
+    p = v.data() + ((64 - reinterpret_cast<uintptr_t>(v.data()) % 64) % 64) / sizeof(float);
+  }
+};
+
+template <typename T>
+struct FusedArgs {
+  Strided4<T> q, k, v;
+  MaskView<T> mask;
+  float scale;
+  bool causal;
+  Shapes s;
+  T* out;
+  float* lse;
+  int64_t nqb, ntask;
+};
+
+// One worker: takes tasks from `next` until none is left.
+template <typename T>
+void fused_fwd_worker512(const FusedArgs<T>& a, std::atomic<int64_t>& next) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  const Shapes& s = a.s;
+  const int64_t D = s.D, Dv = s.Dv;
+  AlignedBuf QT(D * kFQ), ST(std::max<int64_t>(1, std::min(s.Sk, kFK)) * kFQ), O(kFQ * Dv);
+  AlignedBuf m(kFQ), mold(kFQ), l(kFQ), lsum(kFQ), alpha(kFQ), inv(kFQ), kbias(std::max<int64_t>(1, s.Sk));
+  std::vector<float> Kf(kF32 ? 0 : s.Sk * D), Vf(kF32 ? 0 : s.Sk * Dv), Qf(kF32 ? 0 : kFQ * D);
+  // Q' = Q * scale * log2(e): the product rounded once, in double
+  const float sc = static_cast<float>(static_cast<double>(a.scale) * kLog2e);
+  int64_t packed = -1, biased = -1, live0 = 0, live1 = s.Sk;
+  for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < a.ntask;
+       task = next.fetch_add(1, std::memory_order_relaxed)) {
+    // (b, h)-major, so K and V stay in cache across a head's tasks; causal: the late (long) query
+    // blocks of each head first
+    const int64_t bh = task / a.nqb, qb = a.causal ? a.nqb - 1 - task % a.nqb : task % a.nqb;
+    const int64_t b = bh / s.H, h = bh % s.H, hk = h / s.group;
+    const int64_t i0 = qb * kFQ, bq = std::min(kFQ, s.Sq - i0), nq = (bq + 15) / 16;
+    const float *K, *V;
+    int64_t ldk, ldv;
+    if constexpr (kF32) {
+      K = a.k.row(b, hk, 0), ldk = a.k.ss;
+      V = a.v.row(b, hk, 0), ldv = a.v.ss;
+    } else {  // fp32 copies of this (b, kv head)'s K and V rows, made when the head changes
+      if (b * s.Hkv + hk != packed) {
+        for (int64_t j = 0; j < s.Sk; ++j) {
+          row_to_float(a.k.row(b, hk, j), Kf.data() + j * D, D);
+          row_to_float(a.v.row(b, hk, j), Vf.data() + j * Dv, Dv);
+        }
+        packed = b * s.Hkv + hk;
+      }
+      K = Kf.data(), ldk = D;
+      V = Vf.data(), ldv = Dv;
+    }
+    // Key bias (mask * log2(e)) of this (b, h), and its live key range: keys masked for every row
+    // before the first and after the last live one are skipped.
+    const float* kb = nullptr;
+    if (a.mask.p != nullptr) {
+      if (bh != biased) {
+        live0 = s.Sk, live1 = 0;
+        for (int64_t j = 0; j < s.Sk; ++j) {
+          const float x = a.mask.at(b, h, 0, j);
+          kbias.p[j] = static_cast<float>(x * kLog2e);
+          if (x != kNegInf) live0 = std::min(live0, j), live1 = j + 1;
+        }
+        biased = bh;
+      }
+      kb = kbias.p;
+    }
+    const int64_t k0 = a.mask.p != nullptr ? live0 : 0;
+    int64_t kend = a.mask.p != nullptr ? live1 : s.Sk;
+    if (a.causal) kend = std::min(kend, i0 + bq);  // row i sees keys j <= i
+    if constexpr (kF32) {  // Q'^T panel (D x 64), lanes past bq zero
+      pack_qt512(a.q.row(b, h, i0), a.q.ss, bq, D, sc, QT.p);
+    } else {
+      for (int64_t r = 0; r < bq; ++r) row_to_float(a.q.row(b, h, i0 + r), Qf.data() + r * D, D);
+      pack_qt512(Qf.data(), D, bq, D, sc, QT.p);
+    }
+    std::fill(m.p, m.p + kFQ, kNegInf);
+    std::fill(l.p, l.p + kFQ, 0.f);
+    float* dst = O.p;
+    if constexpr (kF32) dst = a.out + (bh * s.Sq + i0) * Dv;
+    for (int64_t c0 = k0; c0 < kend; c0 += kFK) {
+      const int64_t nk = std::min(kend - c0, kFK);
+      const bool first = c0 == k0, last = c0 + nk == kend;
+      if (!first) std::copy(m.p, m.p + kFQ, mold.p);
+      const float* kbc = kb ? kb + c0 : nullptr;
+      switch (nq) {
+        case 4: qk_block<4>(nk, D, K + c0 * ldk, ldk, QT.p, ST.p, kbc, a.causal, c0, i0, m.p); break;
+        case 3: qk_block<3>(nk, D, K + c0 * ldk, ldk, QT.p, ST.p, kbc, a.causal, c0, i0, m.p); break;
+        case 2: qk_block<2>(nk, D, K + c0 * ldk, ldk, QT.p, ST.p, kbc, a.causal, c0, i0, m.p); break;
+        default: qk_block<1>(nk, D, K + c0 * ldk, ldk, QT.p, ST.p, kbc, a.causal, c0, i0, m.p); break;
+      }
+      switch (nq) {
+        case 4: exp_block<4>(ST.p, nk, m.p, lsum.p); break;
+        case 3: exp_block<3>(ST.p, nk, m.p, lsum.p); break;
+        case 2: exp_block<2>(ST.p, nk, m.p, lsum.p); break;
+        default: exp_block<1>(ST.p, nk, m.p, lsum.p); break;
+      }
+      for (int64_t n = 0; n < nq * 16; n += 16) {
+        if (first) {
+          _mm512_storeu_ps(l.p + n, _mm512_loadu_ps(lsum.p + n));
+        } else {  // alpha = 2^(m_old - m_new), 0 where m_old = -inf (O and l are 0 there)
+          const __m512 mo = _mm512_loadu_ps(mold.p + n);
+          const __m512 al = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(mo, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ),
+                                                exp2_512(_mm512_sub_ps(mo, _mm512_loadu_ps(m.p + n))));
+          _mm512_storeu_ps(alpha.p + n, al);
+          _mm512_storeu_ps(l.p + n, _mm512_fmadd_ps(_mm512_loadu_ps(l.p + n), al, _mm512_loadu_ps(lsum.p + n)));
+        }
+      }
+      if (last)  // 1 / l (NaN stays NaN; 0 where no key was seen: the row is zeroed below)
+        for (int64_t r = 0; r < bq; ++r) inv.p[r] = l.p[r] != 0.f ? 1.f / l.p[r] : 0.f;
+      pv_block(bq, nk, ST.p, V + c0 * ldv, ldv, Dv, first ? nullptr : O.p, alpha.p, last ? dst : O.p, Dv,
+               last ? inv.p : nullptr);
+    }
+    for (int64_t r = 0; r < bq; ++r) {
+      const int64_t i = i0 + r;
+      if (l.p[r] > 0.f || std::isnan(l.p[r])) {  // (a NaN in the inputs: a NaN row, as torch)
+        a.lse[bh * s.Sq + i] = (m.p[r] + std::log2(l.p[r])) * kLn2;
+      } else {  // a row that sees no key: zeros, lse = -inf (as torch)
+        a.lse[bh * s.Sq + i] = kNegInf;
+        std::fill(dst + r * Dv, dst + (r + 1) * Dv, 0.f);
+      }
+      if constexpr (!kF32) row_from_float(O.p + r * Dv, a.out + (bh * s.Sq + i) * Dv, Dv);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif  // FASTLM_ATTN_AVX512
+
 // ------------------------------------------ forward ------------------------------------------
 
 template <typename T>
@@ -502,6 +924,16 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const MaskView<T> mask(mask_t);
   T* op = out.data_ptr<T>();
   float* lp = lse.data_ptr<float>();
+#if defined(FASTLM_ATTN_AVX512)
+  if (use_avx512() && !drop.on && (mask.p == nullptr || mask.row_independent)) {
+    const int64_t nqb = (s.Sq + kFQ - 1) / kFQ;
+    const FusedArgs<T> args{qv, kv, vv, mask, scale, causal, s, op, lp, nqb, s.B * s.H * nqb};
+    std::atomic<int64_t> next{0};
+    const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), args.ntask));
+    at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) { fused_fwd_worker512<T>(args, next); });
+    return;
+  }
+#endif
   // Tasks (b, h, query block) are handed out dynamically (an atomic counter, one parallel region of
   // one chunk per thread): on a shared machine a preempted thread then does not hold the other one at
   // a barrier.
