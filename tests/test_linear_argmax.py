@@ -187,9 +187,9 @@ def check_topk(x, w, k):
 
 
 def _screens_here() -> bool:
-    """The screened kernel runs (AVX-512 and not forced off); else linear_fwd per row (all exact)."""
-    import os
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and os.environ.get("FASTLM_CPU_NO_AVX512") != "1"
+    """The screened kernel runs (x86-64 builds: AVX-512 or AVX2 paths); else linear_fwd per row (all exact)."""
+    import platform
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 @needs_cpu_kernel
@@ -238,13 +238,15 @@ def test_topk_logits_fallbacks_and_errors():
 @needs_cpu_kernel
 @pytest.mark.parametrize("vnni", ["1", "0"])
 def test_both_int8_screens(monkeypatch, vnni):
-    """The VNNI screen (two int8 digits per input, integer dots; CPUs with avx512_vnni) and the fp32
-    screen (FASTLM_INT8_VNNI=0) give the exact pick and exact top-k logits: odd K (masked tail), rows
-    of 1..16, inputs with outliers 1e4x the rest (the digit rounding term of the bound dominates),
-    tiny and zero rows, near ties."""
+    """The integer screens (VNNI: two int8 digits per input, CPUs with avx512_vnni; AVX2: one int16
+    digit, vpmaddwd, in CI's FASTLM_CPU_NO_AVX512=1 pass and on AVX2-only CPUs) and the fp32 screens
+    (FASTLM_INT8_VNNI=0) give the exact pick and exact top-k logits: odd K (masked / scalar tails, every
+    register tile shape), rows of 1..16, inputs with outliers 1e4x the rest (the digit rounding term
+    of the bound dominates), tiny and zero rows, near ties."""
     monkeypatch.setenv("FASTLM_INT8_VNNI", vnni)
     g = torch.Generator().manual_seed(11)
-    for M, K, N in [(1, 771, 5003), (3, 64, 997), (4, 130, 2001), (16, 200, 1500)]:
+    for M, K, N in [(1, 771, 5003), (2, 17, 601), (3, 64, 997), (4, 130, 2001), (5, 33, 700), (7, 96, 801),
+                    (16, 200, 1500)]:
         x = torch.randn(M, K, generator=g)
         x[0, K // 2] = 1e4                              # an outlier: 2^e set by it
         if M > 2:
@@ -260,3 +262,67 @@ def test_both_int8_screens(monkeypatch, vnni):
         top = full.topk(7, dim=-1)
         assert torch.equal(got.gather(1, top.indices), top.values)          # the top-k exact
         assert ((got == full) | torch.isneginf(got)).all()                  # the rest exact or -inf
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("vnni", ["1", "0"])
+def test_int8_screens_long_flat_and_wide_rows(monkeypatch, vnni):
+    """Rows whose int16 digits would overflow int32 sums at the first scale (K = 6000, every |x| equal:
+    the AVX2 screen raises 2^e until 127 sum|digit| < 2^31), a row spanning 1e-30..1e30 (the small
+    elements all rounding error d), and K past the integer screens' 65536 (the fp32 screen)."""
+    monkeypatch.setenv("FASTLM_INT8_VNNI", vnni)
+    g = torch.Generator().manual_seed(12)
+    K = 6000
+    w = torch.randn(900, K, generator=g) * 0.02
+    x = torch.sign(torch.randn(3, K, generator=g)) * 3.0
+    x[1] = torch.randn(K, generator=g) * torch.logspace(-30, 30, K)[torch.randperm(K, generator=g)]
+    check(x, w)
+    check_topk(x, w, 5)
+    K = 65537
+    w = torch.randn(40, K, generator=g) * 0.01
+    check(torch.randn(2, K, generator=g), w)
+
+
+_AVX2_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import torch
+import test_linear_argmax as t
+from fastlm import _ext
+assert _ext.load() is not None, _ext.error()
+paths = [p for p in torch.ops.fastlm_C.cpu_isa_paths() if p.startswith(("linear_argmax_fwd:", "linear_topk_logits_fwd:"))]
+assert len(paths) == 2 and all(": avx2-int16 (" in p for p in paths), paths
+g = torch.Generator().manual_seed(13)
+for M in range(1, 17):
+    for K, N in [(45, 400), (768, 2051)]:
+        x = torch.randn(M, K, generator=g)
+        x[0, 3] = 1e4
+        w = torch.randn(N, K, generator=g) * 0.05
+        w[7] = w[8] + 1e-7 * torch.randn(K, generator=g)
+        t.check(x, w)
+        t.check_topk(x, w, 3)
+os.environ["FASTLM_INT8_VNNI"] = "0"
+paths = [p for p in torch.ops.fastlm_C.cpu_isa_paths() if p.startswith("linear_argmax_fwd:")]
+assert ": avx2 (" in paths[0], paths
+t.check(torch.randn(5, 45, generator=g), torch.randn(400, 45, generator=g))
+print("AVX2 INT16 SCREEN OK")
+"""
+
+
+@needs_cpu_kernel
+@pytest.mark.skipif(not _screens_here(), reason="x86-64 only (the AVX2 screens)")
+def test_avx2_int16_screen_subprocess():
+    """FASTLM_CPU_NO_AVX512=1 (read once per process): fastlm info names the AVX2 integer screen, which
+    gives the exact pick and top-k at every row count 1..16 (every register tile and block), and
+    FASTLM_INT8_VNNI=0 names the fp32 one."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(tests)
+    env = dict(os.environ, FASTLM_CPU_NO_AVX512="1", FASTLM_INT8_VNNI="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT.format(tests=tests)], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    print(r.stdout, r.stderr[-3000:])
+    assert r.returncode == 0 and "AVX2 INT16 SCREEN OK" in r.stdout

@@ -196,13 +196,17 @@ def test_linear_int8_triton_rejects_group_scales():
 
 
 @pytest.mark.skipif(not fastlm.available_backends("linear_int8", "cpu").count("cpu"), reason="no C++ extension")
-@pytest.mark.parametrize("kind", ["randn", "range", "zeros", "tiny", "big", "zero_row"])
-@pytest.mark.parametrize("K,N", [(1, 3), (7, 5), (63, 9), (64, 4), (65, 7), (200, 33), (768, 131)])
+@pytest.mark.parametrize("kind", ["randn", "range", "zeros", "tiny", "big", "zero_row", "flat"])
+@pytest.mark.parametrize("K,N", [(1, 3), (7, 5), (63, 9), (64, 4), (65, 7), (200, 33), (768, 131), (4100, 6),
+                                 (8209, 5)])
 def test_linear_int8_one_row_digits(monkeypatch, kind, K, N):
-    """One row goes through the VNNI path where the CPU has it (x split into four int8 digits, exact
-    int32 dots): the parity rule on rows of huge dynamic range, zeros, tiny and huge values, masked K
-    tails; FASTLM_INT8_VNNI=0 (read per call) gives the widening kernel, held to the same rule except on
-    "range" rows (fp32 accumulation in its own order: up to ~2.7x torch's error there, as before)."""
+    """One row goes through an integer path where the CPU has one (AVX-512 VNNI: x split into four
+    int8 digits; AVX2, e.g. CI's FASTLM_CPU_NO_AVX512=1 pass: two int16 digits, vpmaddwd; exact int32
+    dots): the parity rule on rows of huge dynamic range, zeros, tiny and huge values, rows of equal
+    magnitudes (every int16 digit at full scale: the int32 lanes at their bound, K past 4096 adds
+    them into int64 twice), masked / scalar K tails; FASTLM_INT8_VNNI=0 (read per call) gives the
+    widening kernel, held to the same rule except on "range" rows (fp32 accumulation in its own order:
+    up to ~2.7x torch's error there, as before)."""
     g = torch.Generator().manual_seed(K * 1000 + N)
     w = torch.randn(N, K, generator=g) / K ** 0.5
     q, s = quantize_int8(w)
@@ -218,6 +222,8 @@ def test_linear_int8_one_row_digits(monkeypatch, kind, K, N):
         x = x * 1e30
     elif kind == "zero_row":
         x.zero_()
+    elif kind == "flat":
+        x = torch.where(x >= 0, 3.0, -3.0)
     for flag in ("1", "0") if kind != "range" else ("1",):
         monkeypatch.setenv("FASTLM_INT8_VNNI", flag)
         with fastlm.use_backend("cpu"), poison_outputs():
@@ -240,3 +246,45 @@ def test_linear_int8_one_row_nonfinite_matches_widening(monkeypatch):
             with fastlm.use_backend("cpu"):
                 ys.append(ops.linear_int8(x, q, s))
         torch.testing.assert_close(ys[0], ys[1], equal_nan=True, rtol=0, atol=0)
+
+
+_INT16_SCRIPT = textwrap.dedent("""
+    import os, torch, fastlm
+    from fastlm import _ext, ops
+    assert _ext.load() is not None, _ext.error()
+    from fastlm.nn.quant_linear import quantize_int8
+    from fastlm.ops.linear_int8 import linear_int8_fwd_ref
+    line = [p for p in torch.ops.fastlm_C.cpu_isa_paths() if p.startswith("linear_int8_fwd:")]
+    assert len(line) == 1 and "one row: int16 digits" in line[0], line
+    g = torch.Generator().manual_seed(0)
+    for K, N in [(17, 5), (768, 131), (3000, 9), (12345, 4)]:
+        q, s = quantize_int8(torch.randn(N, K, generator=g) / K ** 0.5)
+        b = torch.randn(N, generator=g)
+        x = torch.randn(1, K, generator=g) * torch.exp(torch.randn(1, K, generator=g) * 3)
+        r = linear_int8_fwd_ref(x.double(), q, s, b.double())
+        errs = {}
+        for flag in ("1", "0"):
+            os.environ["FASTLM_INT8_VNNI"] = flag
+            with fastlm.use_backend("cpu"):
+                errs[flag] = (ops.linear_int8(x, q, s, b).double() - r).abs().max().item()
+        # the int16 digits carry ~2^-31 max|x| per element: the fp32 result's own rounding only,
+        # where fp32 accumulation (the widening kernel) errs by ~K u max|x w|
+        scale = (x.double().abs() @ (q.double() * s[:, None].double()).abs().t()).max().item()
+        assert errs["1"] <= 2 ** -23 * (r.abs().max().item() + 1) + 2 ** -28 * scale, (K, errs, scale)
+    print("INT16 ONE ROW OK", errs)
+""")
+
+
+@pytest.mark.skipif(not fastlm.available_backends("linear_int8", "cpu").count("cpu"), reason="no C++ extension")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 only")
+def test_linear_int8_one_row_int16_subprocess():
+    """FASTLM_CPU_NO_AVX512=1 (read once per process): fastlm info names the AVX2 int16 one-row path, whose
+    error on rows of wide dynamic range (K from one 16-step to 3 int64 chunks) is the fp32 output's
+    rounding only, as the digits are exact to ~2^-31 max|x|."""
+    env = dict(os.environ, FASTLM_CPU_NO_AVX512="1", FASTLM_INT8_VNNI="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _INT16_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0 and "INT16 ONE ROW OK" in r.stdout

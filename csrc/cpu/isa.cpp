@@ -90,11 +90,20 @@ std::vector<std::string> cpu_isa_paths() {
        w ? r + "; fp32 with D % 16 == 0 and D <= 256, else " + v : r);
   line("linear_fwd", wide, r + "; <= 16 rows, more rows: at::linear (BLAS)");
   const char* vnni_env = std::getenv("FASTLM_INT8_VNNI");
-  const bool vnni = w && __builtin_cpu_supports("avx512vnni") && !(vnni_env && vnni_env[0] == '0');
-  const std::string screen = vnni ? "; int8 screen by VNNI integer dots (FASTLM_INT8_VNNI=0: fp32 dots)"
-                                  : "; int8 screen by fp32 dots";
-  line("linear_argmax_fwd", vnni ? "avx512-vnni" : wide, r + screen + " + exact recompute on linear_fwd's path");
-  line("linear_topk_logits_fwd", vnni ? "avx512-vnni" : wide, r + screen + " + exact recompute on linear_fwd's path");
+  const bool int_off = vnni_env && vnni_env[0] == '0';
+  const bool vnni = w && __builtin_cpu_supports("avx512vnni") && !int_off;
+  const bool int16 = !w && v == "avx2" && !int_off;  // linear_argmax.cpp's / linear_int8.cpp's AVX2 int16 paths
+  const std::string screen = vnni    ? "; int8 screen by VNNI integer dots (FASTLM_INT8_VNNI=0: fp32 dots)"
+                             : int16 ? "; int8 screen by int16 integer dots, vpmaddwd, K <= 65536 (FASTLM_INT8_VNNI=0: "
+                                       "fp32 dots)"
+                                     : "; int8 screen by fp32 dots";
+  const std::string screen_path = vnni ? "avx512-vnni" : int16 ? "avx2-int16" : wide;
+  line("linear_argmax_fwd", screen_path, r + screen + " + exact recompute on linear_fwd's path");
+  line("linear_topk_logits_fwd", screen_path, r + screen + " + exact recompute on linear_fwd's path");
+  const std::string one_row = vnni    ? "; one row: VNNI, four int8 digits (FASTLM_INT8_VNNI=0: widening)"
+                              : int16 ? "; one row: int16 digits, vpmaddwd (FASTLM_INT8_VNNI=0: widening)"
+                                      : "";
+  line("linear_int8_fwd", wide, r + "; int8 widened to fp32, <= 64 rows" + one_row + ", more rows: dequantize + BLAS");
 #else
   line("layer_norm_fwd", v, vr);
   line("layer_norm_bwd", v, vr);
@@ -104,6 +113,7 @@ std::vector<std::string> cpu_isa_paths() {
   line("linear_fwd", v, vr + "; <= 16 rows, more rows: at::linear (BLAS)");
   line("linear_argmax_fwd", v, vr + "; no int8 screen: linear_fwd per row + argmax");
   line("linear_topk_logits_fwd", v, vr + "; no int8 screen: linear_fwd per row");
+  line("linear_int8_fwd", v, vr + "; int8 widened to fp32, <= 64 rows, more rows: dequantize + BLAS");
 #endif
   const std::string g = gelu_ffn_gemm_backend();
   const std::string gwhy = g == "onednn" ? "fp32 GEMMs: oneDNN (mkldnn::_linear_pointwise), fp16/bf16: BLAS"

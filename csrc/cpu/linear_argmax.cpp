@@ -20,9 +20,10 @@
 // bit-for-bit argmax(ops.linear(x[m:m+1], W)), reading 1 byte per weight instead of 4 plus a few
 // rows. A row x_m with a non-finite value, or with more than max(N / 16, 256) candidates, takes
 // the exact full product. Paths, chosen at run time: AVX-512 VNNI (below), AVX-512 (tiles of 16 k,
-// exact recompute with tile_avx512<1, 1, 2>) and AVX2 + FMA (8 k per step, Avx2Path; exact recompute
-// with row_times_rows<1, 4>, linear_fwd's one-row AVX2 stream): each recomputes on the path linear_fwd
-// takes on that machine. Builds without AVX2 (aarch64...) run linear_fwd on each row, then argmax.
+// exact recompute with tile_avx512<1, 1, 2>), AVX2 integer (below) and AVX2 + FMA (8 k per step,
+// Avx2Path, the AVX2 integer screen's fallback; both recompute with row_times_rows<1, 4>, linear_fwd's
+// one-row AVX2 stream): each recomputes on the path linear_fwd takes on that machine. Builds without
+// AVX2 (aarch64...) run linear_fwd on each row, then argmax.
 //
 // VNNI screen (CPUs with avx512_vnni; FASTLM_INT8_VNNI=0 turns it off): the screened logit is an
 // integer dot instead of an fp32 one. Each input row is split into two int8 digits on a power-of-two
@@ -35,6 +36,26 @@
 // e_mn = ||x_m|| slack_n + s_n * 127 sqrt(K) (||d_m|| + 2^-50 (||x_m|| + ||d_m||)), padded up. Two
 // instructions per 64 weights and row against the fp32 screen's 4 widenings + 4 FMAs per row: the
 // many-row screen (the serving engine's decode rows) is ~2x faster, one row streams at the read rate.
+//
+// AVX2 integer screen (Avx2IntPath: CPUs without the AVX-512 paths, e.g. Zen 3, and under
+// FASTLM_CPU_NO_AVX512=1; FASTLM_INT8_VNNI=0 turns it off too, as it does the VNNI one): the same
+// model with one int16 digit per element: x' = 2^e h, h = round(x / 2^e), e the smallest with
+// max|x| <= 32767 * 2^e and 127 sum_k |h_k| < 2^31 (then no int32 sum of a tile can overflow, at any
+// K; e grows by a bit or two only for long flat rows), d = x - x' exact in fp64 (|d_k| <= 2^(e-1)),
+// a_mn = s_n * (T * 2^e) in fp64 (T = sum q h, exact int32; T * 2^e exact, one rounding) and e_mn as
+// in the VNNI screen. Each 16 weights of a W row are widened to int16 once (vpmovsxbw) and meet each
+// input row in one vpmaddwd (16 exact s16 products, summed in pairs into int32) + vpaddd, through
+// inline asm (cpu/vnni512.h: with the intrinsics GCC reassociated the unrolled adds and spilled);
+// register tiles 1x4 / 2x4 / 3x3 / 4x2 (input rows x W rows, accumulators + weights <= 16 ymm), a
+// transpose-add tree for the horizontal sums, the rows ~16 KB ahead prefetched to L2. Two
+// instructions per 16 MACs against the fp32 screen's widen + convert + FMA per 8. It takes every
+// finite row (2^e is an fp64 power of two: never out of range) up to K = 65536 (past it the digits
+// get coarse: the fp32 screen). Pass 1's consumer (ChunkSink) keeps the row state in fixed arrays
+// and drops the common case (a + e below the running threshold) after one comparison; this screen
+// makes that test for up to 4 outputs at once in fp64 vectors first. GPT-2 head (50257 x 768), 1
+// thread, FASTLM_CPU_NO_AVX512=1 on a Zen 4 host (medians of 4 interleaved runs, the other core
+// lightly loaded), fp32 -> int16 screen: 1 row 5.5 -> 2.4 ms, 4 rows 6.8 -> 4.4, 8 rows 11.7 -> 6.7,
+// 16 rows 22.6 -> 12.3 (about the VNNI screen's times on the same host).
 #include <ATen/Parallel.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
@@ -205,7 +226,7 @@ struct Candidate {
 
 struct RowState {
   double xnorm = 0.0;     // ||x_m||_2, padded up
-  double extra = 0.0;     // the VNNI screen's digit-rounding term per unit of s_n (0 on the fp32 screens)
+  double extra = 0.0;     // the integer screens' digit-rounding term per unit of s_n (0 on the fp32 screens)
   bool screened = true;   // false: the exact full product
 };
 
@@ -215,6 +236,33 @@ inline double bound(const RowState& row, float slack, float s) {
   return std::isinf(slack) ? std::numeric_limits<double>::infinity()
                            : row.xnorm * static_cast<double>(slack) + row.extra * static_cast<double>(s);
 }
+
+// Pass 1's consumer of the screened logits of one chunk of W rows: per row m, lo[m] = the running max
+// of a_mn - e_mn, and the candidates (a_mn + e_mn >= lo[m] when seen). Called once per (m, n): the
+// row state sits in fixed arrays, e_mn = xn[m] slack_n + extra_m s_n without a branch (xn = max(||x||,
+// DBL_MIN): a non-finite weight row's inf slack gives e = inf, never NaN, even for x = 0; a row not
+// screened: xn = NaN, so nothing passes), and the common case (a + e < lo: neither a candidate nor a
+// new max) is one comparison.
+struct ChunkSink {
+  double xn[kMaxRows], extra[kMaxRows], lo[kMaxRows];
+  const float* slp;
+  const float* sp;
+  std::vector<Candidate> cand;
+  ChunkSink(const std::vector<RowState>& rows, const float* slp_, const float* sp_) : slp(slp_), sp(sp_) {
+    for (size_t m = 0; m < rows.size(); ++m) {
+      xn[m] = rows[m].screened ? std::max(rows[m].xnorm, std::numeric_limits<double>::min())
+                               : std::numeric_limits<double>::quiet_NaN();
+      extra[m] = rows[m].extra;
+      lo[m] = -std::numeric_limits<double>::infinity();
+    }
+  }
+  inline void operator()(int64_t m, int64_t n, double a) {
+    const double e = xn[m] * static_cast<double>(slp[n]) + extra[m] * static_cast<double>(sp[n]);
+    if (!(a + e >= lo[m])) return;  // a - e <= a + e < lo too
+    if (a - e > lo[m]) lo[m] = a - e;
+    if (a + e >= lo[m]) cand.push_back({m, n, a});
+  }
+};
 
 // The int8 tiles of W rows [n0, n1) against all M input rows: emit(m, n, sum_k x[m][k] q[n][k]) for
 // every pair (the caller scales by scale[n]).
@@ -518,6 +566,182 @@ struct Avx2Path {
     return out + 0.f;  // linear_fwd adds the (zero) bias
   }
 };
+
+// The AVX2 integer screen (see the file comment): MR input rows of int16 digits (xd, row stride
+// ldxd, zero past K) x NR int8 W rows (stride K). Each 16 weights of a row are widened to int16
+// once (vpmovsxbw) and multiplied into MR accumulators by vpmaddwd (pairs of s16 x s16 products
+// summed into int32, exact) + vpaddd; MR * NR accumulators + NR weight vectors + 2 <= 16 ymm. A
+// step is 64 k (four of 16), the W rows pfd rows ahead prefetched to L2 a line per row and step
+// (PF); then whole 16s, then the K % 16 tail in scalar code (no read past the rows).
+// out[m * NR + r] = sum_k q[r][k] xd[m][k] (exact int32: the caller keeps 127 ||xd_m||_1 < 2^31).
+template <int MR, int NR, bool PF>
+inline void tile_q8_i16(const int8_t* q, int64_t K, const int16_t* xd, int64_t ldxd, int32_t* out, int64_t pfd) {
+  static_assert(MR * NR + NR + 2 <= 16, "ymm registers");
+  constexpr int NA = MR * NR;
+  __m256i acc[NA];
+#pragma GCC unroll 16
+  for (int i = 0; i < NA; ++i) acc[i] = _mm256_setzero_si256();
+  auto sub = [&](const int8_t* w, int64_t ldw, int64_t k) __attribute__((always_inline)) {
+    __m256i wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ldw)));
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xd + m * ldxd + k));
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) madd_epi16_acc(acc[m * NR + r], wv[r], xv);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    if constexpr (PF) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (pfd + r) * K + k), _MM_HINT_T1);
+    }
+    sub(q + k, K, k);
+    sub(q + k + 16, K, k + 16);
+    sub(q + k + 32, K, k + 32);
+    sub(q + k + 48, K, k + 48);
+  }
+  for (; k + 16 <= K; k += 16) sub(q + k, K, k);
+  hsum_epi32_avx2<NA>(acc, out);
+  for (; k < K; ++k)  // the K % 16 tail, past the accumulators' live range
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) out[m * NR + r] += int32_t(q[r * K + k]) * xd[m * ldxd + k];
+}
+
+inline bool screen_use_int16() {
+  const char* env = std::getenv("FASTLM_INT8_VNNI");  // read per call: tests run both screens
+  return !(env && env[0] == '0');
+}
+
+// The AVX2 integer screen (see the file comment): prepare() writes each input row as one int16
+// digit per element and sets its `extra`; screen() emits consider(m, n, a_mn) for W rows [n0, n1).
+// It applies to every finite row (2^e is a power of two in fp64: never out of range); K is capped
+// where the digits would get too coarse (past it, the fp32 screen).
+struct Avx2IntPath {
+  static constexpr int64_t kMaxK = 65536;
+  int64_t K = 0, ldxd = 0;
+  std::vector<int16_t> buf;   // the digit rows (ldxd int16 each, zero-padded), 32-byte aligned at digits
+  int16_t* digits = nullptr;
+  std::vector<double> unit;   // per row: 2^e (a = s_n * (T * 2^e), the product T * 2^e exact)
+
+  // W rows per tile: 1 x 4 and 2 x 4 register tiles at 1-2 input rows, 3 x 3 at 3, 4 x 2 beyond.
+  static int64_t tile_rows(int64_t M) { return M <= 2 ? 4 : M == 3 ? 3 : 2; }
+  static float exact(const float* w, const float* x, int64_t K) { return Avx2Path::exact(w, x, K); }
+
+  bool prepare(const float* xf, std::vector<RowState>& rows, int64_t M, int64_t K_) {
+    K = K_;
+    if (K > kMaxK) return false;
+    ldxd = (K + 15) / 16 * 16;
+    buf.assign(M * ldxd + 16, 0);
+    digits = buf.data() + ((32 - (reinterpret_cast<uintptr_t>(buf.data()) & 31)) & 31) / 2;
+    unit.assign(M, 0.0);
+    const double c127 = 127.0 * std::sqrt(static_cast<double>(K));
+    for (int64_t m = 0; m < M; ++m) {
+      if (!rows[m].screened) continue;
+      const float* x = xf + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+      if (amax == 0.f) continue;  // a zero row: digits 0, a = 0, d = 0
+      int e = std::ilogb(amax) - 14;  // the smallest e with amax <= 32767 * 2^e
+      if (amax > std::ldexp(32767.0, e)) ++e;
+      int16_t* xd = digits + m * ldxd;
+      double d2 = 0.0;
+      for (;; ++e) {  // and 127 sum |digit| < 2^31: no int32 sum of the tile can overflow
+        const double p = std::ldexp(1.0, -e), u = std::ldexp(1.0, e);
+        int64_t l1 = 0;
+        d2 = 0.0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double h = std::nearbyint(static_cast<double>(x[k]) * p);  // x * 2^-e exact, |h| <= 32767
+          xd[k] = static_cast<int16_t>(h);
+          l1 += static_cast<int64_t>(std::fabs(h));
+          const double d = static_cast<double>(x[k]) - h * u;  // exact (|d| <= 2^(e-1); d = x when h = 0)
+          d2 += d * d;
+        }
+        if (127 * l1 <= std::numeric_limits<int32_t>::max()) break;
+      }
+      unit[m] = std::ldexp(1.0, e);
+      const double dn = std::sqrt(d2) * (1.0 + 1e-12);
+      rows[m].extra = c127 * (dn + std::ldexp(rows[m].xnorm + dn, -50)) * (1.0 + 1e-9);
+    }
+    return true;
+  }
+
+  // f (argmax's pass 1): each tile row's (up to 4) outputs tested at once in fp64 vectors, a + e >= lo
+  // (f's running threshold), as the sink's own first test; only those passing go to consider (rarely
+  // any: the scalar test per output was ~20% of the 16-row screen). e here may differ from the sink's
+  // in the last bit (association): either is a valid bound (slack is padded 1e-6 relative).
+  template <class Emit>
+  void screen(const int8_t* q, const float* sp, int64_t M, int64_t n0, int64_t n1, const Emit& consider,
+              const ChunkSink* f = nullptr) const {
+    const int64_t pfd = std::max<int64_t>(4, ((int64_t(16384) + K - 1) / K + 3) / 4 * 4);  // ~16 KB ahead
+    alignas(32) int32_t out[24];  // 16 outputs at most, and room for 4-lane reads past the last row
+    auto emit = [&](int64_t m0, int mr, int64_t n, int nr) {
+      if (f == nullptr) {
+        for (int i = 0; i < mr; ++i) {
+          const double um = unit[m0 + i];
+          for (int r = 0; r < nr; ++r)
+            consider(m0 + i, n + r, static_cast<double>(sp[n + r]) * (static_cast<double>(out[i * nr + r]) * um));
+        }
+        return;
+      }
+      const __m128i live = _mm_cmpgt_epi32(_mm_set1_epi32(nr), _mm_setr_epi32(0, 1, 2, 3));  // lanes < nr
+      const __m256d s = _mm256_cvtps_pd(_mm_maskload_ps(sp + n, live));  // no read past the arrays
+      const __m256d sl = _mm256_cvtps_pd(_mm_maskload_ps(f->slp + n, live));
+      for (int i = 0; i < mr; ++i) {
+        const int64_t m = m0 + i;
+        // s * 2^e exact, then * T: the same single rounding as s * (T * 2^e)
+        const __m256d a = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(out + i * nr))),
+                                        _mm256_mul_pd(s, _mm256_set1_pd(unit[m])));
+        const __m256d e = _mm256_fmadd_pd(_mm256_set1_pd(f->xn[m]), sl, _mm256_mul_pd(_mm256_set1_pd(f->extra[m]), s));
+        int pass = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_add_pd(a, e), _mm256_set1_pd(f->lo[m]), _CMP_GE_OQ)) &
+                   ((1 << nr) - 1);
+        if (pass == 0) continue;
+        alignas(32) double av[4];
+        _mm256_store_pd(av, a);
+        for (; pass != 0; pass &= pass - 1) {
+          const int r = __builtin_ctz(pass);
+          consider(m, n + r, av[r]);
+        }
+      }
+    };
+    auto tile = [&](auto nr_tag, int64_t n) {
+      constexpr int nr = decltype(nr_tag)::value;
+      constexpr int max_mr = nr >= 4 ? 2 : nr == 3 ? 3 : 4;  // MR * NR + NR + 2 <= 16
+      const int8_t* qn = q + n * K;
+      const bool pf = n + pfd + nr <= n1;
+      int64_t m = 0;
+      auto block = [&](auto mr_tag) {
+        constexpr int mr = decltype(mr_tag)::value;
+        if (pf && m == 0) tile_q8_i16<mr, nr, true>(qn, K, digits + m * ldxd, ldxd, out, pfd);
+        else tile_q8_i16<mr, nr, false>(qn, K, digits + m * ldxd, ldxd, out, pfd);
+        emit(m, mr, n, nr);
+        m += mr;
+      };
+      while (M - m >= max_mr) block(std::integral_constant<int, max_mr>{});
+      if constexpr (max_mr > 3) {
+        if (M - m == 3) block(std::integral_constant<int, 3>{});
+      }
+      if constexpr (max_mr > 2) {
+        if (M - m == 2) block(std::integral_constant<int, 2>{});
+      }
+      if (M - m == 1) block(std::integral_constant<int, 1>{});
+    };
+    const int64_t NRt = tile_rows(M);
+    int64_t n = n0;
+    if (NRt == 4) {
+      for (; n + 4 <= n1; n += 4) tile(std::integral_constant<int, 4>{}, n);
+    } else if (NRt == 3) {
+      for (; n + 3 <= n1; n += 3) tile(std::integral_constant<int, 3>{}, n);
+    } else {
+      for (; n + 2 <= n1; n += 2) tile(std::integral_constant<int, 2>{}, n);
+    }
+    for (; n < n1; ++n) tile(std::integral_constant<int, 1>{}, n);
+  }
+};
 #endif  // AVX2 + FMA
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -571,21 +795,34 @@ struct Screen {
     P::screen(q, xf, M, K, n0, n1,
               [&](int64_t m, int64_t n, float acc) { consider(m, n, static_cast<double>(acc * sp[n])); });
   }
+  void run_sink(int64_t n0, int64_t n1, ChunkSink& sink) const {
+    run(n0, n1, [&](int64_t m, int64_t n, double a) { sink(m, n, a); });
+  }
 };
 
-template <>
-struct Screen<VnniPath> {
-  VnniPath path;
+// The integer screens (VnniPath, Avx2IntPath): the input rows as digits (prepare), the screened
+// logit computed by the path.
+template <class P>
+struct DigitScreen {
+  P path;
   int64_t M;
   const int8_t* q;
   const float* sp;
-  Screen(const float* xf, std::vector<RowState>& rows, int64_t M_, int64_t K, const int8_t* q_, const float* sp_)
+  DigitScreen(const float* xf, std::vector<RowState>& rows, int64_t M_, int64_t K, const int8_t* q_, const float* sp_)
       : M(M_), q(q_), sp(sp_) {
-    TORCH_CHECK(path.prepare(xf, rows, M, K), "fastlm: ", kOp, ": internal error: VNNI screen not applicable");
+    TORCH_CHECK(path.prepare(xf, rows, M, K), "fastlm: ", kOp, ": internal error: integer screen not applicable");
   }
-  int64_t tile_rows() const { return VnniPath::tile_rows(M); }
+  int64_t tile_rows() const { return P::tile_rows(M); }
   template <class Emit>
   void run(int64_t n0, int64_t n1, const Emit& consider) const { path.screen(q, sp, M, n0, n1, consider); }
+  void run_sink(int64_t n0, int64_t n1, ChunkSink& sink) const {
+    run(n0, n1, [&](int64_t m, int64_t n, double a) { sink(m, n, a); });
+  }
+};
+
+template <>
+struct Screen<VnniPath> : DigitScreen<VnniPath> {
+  using DigitScreen<VnniPath>::DigitScreen;
 };
 
 // Whether the VNNI screen takes this call: the CPU has it, K fits, and every screened row's 2^e is in
@@ -599,7 +836,22 @@ bool vnni_screen_applies(const at::Tensor& x) {
   return probe.prepare(xf.data(), rows, x.size(0), x.size(1));
 }
 
-// The screened argmax on path P (Avx512Path / Avx2Path) into res (M,): see the file comment.
+#if defined(__AVX2__) && defined(__FMA__)
+template <>
+struct Screen<Avx2IntPath> : DigitScreen<Avx2IntPath> {
+  using DigitScreen<Avx2IntPath>::DigitScreen;
+  void run_sink(int64_t n0, int64_t n1, ChunkSink& sink) const {  // the tiles filtered against sink.lo
+    path.screen(q, sp, M, n0, n1, [&](int64_t m, int64_t n, double a) { sink(m, n, a); }, &sink);
+  }
+};
+
+// Whether the AVX2 integer screen takes this call (on the AVX2 path): not turned off, K fits (its
+// prepare() accepts every row then).
+bool int16_screen_applies(const at::Tensor& x) { return screen_use_int16() && x.size(1) <= Avx2IntPath::kMaxK; }
+#endif
+
+// The screened argmax on path P (VnniPath, Avx512Path, Avx2IntPath, Avx2Path) into res (M,): see the
+// file comment.
 template <class P>
 void argmax_screened(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& qweight, const at::Tensor& scale,
                      const at::Tensor& slack, int64_t* res) {
@@ -622,17 +874,11 @@ void argmax_screened(const at::Tensor& x, const at::Tensor& weight, const at::Te
   parallel_range(0, tiles, grain, [&](int64_t begin, int64_t end) {
     // this chunk's candidates: a_mn + e_mn >= its running max of a - e (a superset of the final
     // ones), and its max of a - e per row in lo
-    std::vector<double> lo(M, -std::numeric_limits<double>::infinity());
-    std::vector<Candidate> cand;
-    scr.run(begin * nr, std::min(N, end * nr), [&](int64_t m, int64_t n, double a) {
-      if (!rows[m].screened) return;
-      const double e = bound(rows[m], slp[n], sp[n]);
-      if (a - e > lo[m]) lo[m] = a - e;
-      if (a + e >= lo[m]) cand.push_back({m, n, a});
-    });
+    ChunkSink sink(rows, slp, sp);
+    scr.run_sink(begin * nr, std::min(N, end * nr), sink);
     std::lock_guard<std::mutex> lock(mu);
-    for (int64_t m = 0; m < M; ++m) lo_max[m] = std::max(lo_max[m], lo[m]);
-    chunks.emplace_back(begin, std::move(cand));
+    for (int64_t m = 0; m < M; ++m) lo_max[m] = std::max(lo_max[m], sink.lo[m]);
+    chunks.emplace_back(begin, std::move(sink.cand));
   });
   std::sort(chunks.begin(), chunks.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   // Final candidates per row, in n order.
@@ -683,7 +929,8 @@ at::Tensor linear_argmax_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   if (K > 0) {
-    argmax_screened<Avx2Path>(x, weight, qweight, scale, slack, res);
+    if (int16_screen_applies(x)) argmax_screened<Avx2IntPath>(x, weight, qweight, scale, slack, res);
+    else argmax_screened<Avx2Path>(x, weight, qweight, scale, slack, res);
     return result;
   }
 #endif
@@ -787,7 +1034,8 @@ at::Tensor linear_topk_logits_fwd_cpu(const at::Tensor& x, const at::Tensor& wei
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   if (K > 0) {
-    topk_screened<Avx2Path>(x, weight, qweight, scale, slack, k, outp);
+    if (int16_screen_applies(x)) topk_screened<Avx2IntPath>(x, weight, qweight, scale, slack, k, outp);
+    else topk_screened<Avx2Path>(x, weight, qweight, scale, slack, k, outp);
     return out;
   }
 #endif

@@ -37,6 +37,20 @@
 //   it is even at K = 768 (per-call costs) and ~25% faster at K = 3072. At 2+ rows every digit costs
 //   a vpdpbusd per row (4 per 64 k per row against the widening path's 2 per 16 k shared by the rows
 //   plus an FMA per row): 8 rows measured 2x slower (with spills), so those keep the widening kernel.
+// - AVX2 int16, one input row only (decode at batch 1) on CPUs without the AVX-512 kernels (Zen 3...,
+//   FASTLM_CPU_NO_AVX512=1), per-channel scales, K <= 65536, finite x, FASTLM_INT8_VNNI not 0 (the
+//   same switch as the VNNI path: 0 gives the widening kernel; anything else that does not apply too).
+//   The row is split into two int16 digits on a power-of-two scale 2^e (max|x| <= 32767 * 2^e):
+//   x = 2^e (hi + lo / 2^16) to within 2^(e-17) ~ max|x| * 2^-31 per element, the VNNI path's
+//   accuracy. The weights are widened int8 -> int16 once per 16 (vpmovsxbw) and each digit's dot is
+//   vpmaddwd + vpaddd (16 exact products, int32 lanes; inline asm, see cpu/vnni512.h); the lanes go
+//   into int64 every 4096 k (the most an int32 lane holds: 4096 / 8 * 127 * 2^15 < 2^31), then
+//   T = 2^16 dot_hi + dot_lo exactly and y = T * 2^(e-16) * scale in fp64, rounded once. 1 x 4
+//   register tiles (8 accumulators), the rows ~16 KB ahead prefetched to L2. One thread, one row,
+//   FASTLM_CPU_NO_AVX512=1 on a Zen 4 host (the other core busy; medians of two sessions), weights
+//   rotated out of cache, GB/s of int8 weight widening -> int16: 768x2304 5.0-5.2 -> 11.9-16.8,
+//   3072x768 5.6-5.8 -> 15.5-18.1, 768x50257 5.0-6.6 -> 10.4-13.1; in cache 768x2304 14.5-16.2 ->
+//   20.8-26.8, 3072x768 18.6-22.1 -> 23.3-26.5.
 // - AVX2 + FMA (the file's baseline ISA on x86): 8 k a step, NR = 2, scalar tails.
 // - portable scalar loop everywhere else (aarch64 builds; also the oracle of nothing: same math).
 // Many rows (prefill): the weight is dequantized once into an fp32 (N, K) panel (parallel, one pass)
@@ -412,6 +426,163 @@ bool vnni_few_rows(const int8_t* w, const float* scale, Groups g, const float* x
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// ---------------------------------------------------------------- AVX2 int16 path (one row, int8 weights)
+// The row as two int16 digits on a power-of-two scale, both dotted with the int8 weights (widened to
+// int16, vpmaddwd: exact int32), combined exactly in int64: see the file comment.
+constexpr int64_t kInt16MaxK = 65536;
+constexpr int64_t kInt16Chunk = 4096;  // k per int32 lane: 4096 / 8 products * 127 * 32768 < 2^31
+
+// Row x[0, K) -> digit planes hi, lo (Kp = K rounded up to 16 int16 each, zero past K), given p = 2^-e
+// with max|x| p <= 32767: t = x p (exact), hi = round(t), lo = round(65536 (t - hi)) (t - hi exact),
+// so x = 2^e (hi + lo / 65536) to within 2^(e-17). lo = 32768 (t - hi = 1/2 exactly) becomes hi + 1,
+// lo = -32768 (hi + 1 <= 32767 there), so both fit int16.
+inline void split_digits_i16(const float* x, int64_t K, float p, int16_t* hi, int16_t* lo) {
+  const __m256 pv = _mm256_set1_ps(p), c65536 = _mm256_set1_ps(65536.f);
+  const __m256i c32768 = _mm256_set1_epi32(32768), c65536i = _mm256_set1_epi32(65536);
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256i h[2], l[2];
+    for (int j = 0; j < 2; ++j) {
+      const int64_t kk = k + 8 * j;
+      __m256 v;
+      if (kk + 8 <= K) {
+        v = _mm256_loadu_ps(x + kk);
+      } else {  // the tail: zeros past K (no read past the row)
+        alignas(32) float tmp[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int64_t i = kk; i < K; ++i) tmp[i - kk] = x[i];
+        v = _mm256_load_ps(tmp);
+      }
+      const __m256 t = _mm256_mul_ps(v, pv);
+      const __m256 hr = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i l32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(t, hr), c65536));  // nearest (MXCSR)
+      const __m256i fix = _mm256_cmpeq_epi32(l32, c32768);                                  // -1 where lo = 32768
+      h[j] = _mm256_sub_epi32(_mm256_cvtps_epi32(hr), fix);
+      l[j] = _mm256_sub_epi32(l32, _mm256_and_si256(fix, c65536i));
+    }
+    // 2 x 8 int32 -> 16 int16 in order (packs works per 128-bit half: then swap the middle quarters)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(h[0], h[1]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(l[0], l[1]), 0xD8));
+  }
+}
+
+// T[r] = sum_k w[r][k] (65536 hi[k] + lo[k]) (exact) for NR weight rows (stride K). tile_i16_chunk, k
+// in [c, ce) (a chunk of <= kInt16Chunk): per 16 k each weight row widened once (vpmovsxbw), two
+// vpmaddwd + vpaddd (hi, lo) into 2 NR int32 accumulators (2 NR + 4 <= 16 ymm); 64 k a step, with
+// the rows pfd ahead prefetched to L2 a line per row (PF); the lanes then added into int64 (s64).
+// Not inlined: inlined into tile_i16's chunk loop (or with a memcpy'd K % 16 tail in its loops), GCC
+// kept every accumulator on the stack, a load and a store per step. The K % 16 tail: scalar, at the end.
+template <int NR, bool PF>
+__attribute__((noinline)) void tile_i16_chunk(const int8_t* w, int64_t K, const int16_t* hi, const int16_t* lo, int64_t c, int64_t ce,
+                           int64_t pfd, __m256i* s64) {
+  static_assert(2 * NR + 4 <= 16, "ymm registers");
+  __m256i acc[2 * NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < 2 * NR; ++i) acc[i] = _mm256_setzero_si256();
+  auto sub = [&](const int8_t* wp, int64_t k) __attribute__((always_inline)) {
+    const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + k));
+    const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + k));
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {  // one widened weight vector live at a time
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + r * K)));
+      madd_epi16_acc(acc[2 * r], wv, xh);
+      madd_epi16_acc(acc[2 * r + 1], wv, xl);
+    }
+  };
+  int64_t k = c;
+  for (; k + 64 <= ce; k += 64) {
+    if constexpr (PF) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (pfd + r) * K + k), _MM_HINT_T1);
+    }
+    sub(w + k, k);
+    sub(w + k + 16, k + 16);
+    sub(w + k + 32, k + 32);
+    sub(w + k + 48, k + 48);
+  }
+  for (; k + 16 <= ce; k += 16) sub(w + k, k);
+  auto widen = [](__m256i v) __attribute__((always_inline)) {  // 8 int32 -> 4 int64 (pairs added)
+    return _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  };
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r)
+    s64[r] = _mm256_add_epi64(s64[r], _mm256_add_epi64(_mm256_slli_epi64(widen(acc[2 * r]), 16), widen(acc[2 * r + 1])));
+}
+
+template <int NR, bool PF>
+inline void tile_i16(const int8_t* w, int64_t K, const int16_t* hi, const int16_t* lo, int64_t* T, int64_t pfd) {
+  __m256i s64[NR];  // per row: 4 int64 lanes of 65536 hi-dot + lo-dot
+  for (int r = 0; r < NR; ++r) s64[r] = _mm256_setzero_si256();
+  for (int64_t c = 0; c < K; c += kInt16Chunk) tile_i16_chunk<NR, PF>(w, K, hi, lo, c, std::min(K, c + kInt16Chunk), pfd, s64);
+  const int64_t kt = K / 16 * 16;  // the K % 16 tail in scalar code, past the accumulators' live range
+  for (int r = 0; r < NR; ++r) {
+    alignas(32) int64_t l[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(l), s64[r]);
+    int64_t t = l[0] + l[1] + l[2] + l[3];
+    for (int64_t k = kt; k < K; ++k) t += int64_t(w[r * K + k]) * (65536 * int64_t(hi[k]) + lo[k]);
+    T[r] = t;
+  }
+}
+
+// Weight rows [n0, n1) for one input row: quads of weight rows (a 1 x 4 register tile: 8 accumulators),
+// then single rows.
+template <typename T>
+void int16_rows_range(const int8_t* w, const float* scale, const int16_t* hi, const int16_t* lo, double xs, int64_t K,
+                      const float* bias, T* y, int64_t n0, int64_t n1) {
+  // prefetch (to L2) the rows ~16 KB ahead: enough lines in flight to stream from DRAM
+  const int64_t pfd = std::max<int64_t>(4, ((int64_t(16384) + K - 1) / K + 3) / 4 * 4);
+  auto emit = [&](const int64_t* t, int64_t n, int nr) {
+    for (int r = 0; r < nr; ++r)
+      y[n + r] = static_cast<T>(static_cast<float>(double(t[r]) * xs * double(scale[n + r])) + bias[n + r]);
+  };
+  int64_t t[4];
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    if (n + pfd + 4 <= n1) tile_i16<4, true>(w + n * K, K, hi, lo, t, pfd);
+    else tile_i16<4, false>(w + n * K, K, hi, lo, t, pfd);
+    emit(t, n, 4);
+  }
+  for (; n < n1; ++n) {
+    tile_i16<1, false>(w + n * K, K, hi, lo, t, pfd);
+    emit(t, n, 1);
+  }
+}
+
+// The AVX2 int16 path for one fp32 row, per-channel scales: false (nothing written) when it does not
+// apply (an AVX-512 CPU: its own kernels; FASTLM_INT8_VNNI=0; more rows, group scales, K > kInt16MaxK,
+// a non-finite input, or max|x| so small or large that 2^-e is not a normal fp32).
+template <typename T>
+bool int16_few_rows(const int8_t* w, const float* scale, Groups g, const float* xf, int64_t M, int64_t K, int64_t N,
+                    const float* bias, T* y) {
+  const char* env = std::getenv("FASTLM_INT8_VNNI");  // read per call: tests run both paths
+  if (M != 1 || g.G != 1 || K > kInt16MaxK || cpu_use_avx512() || (env && env[0] == '0')) return false;
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::abs(xf[k]);
+    if (!(a <= 3.4028235e38f)) return false;  // NaN / inf
+    amax = std::max(amax, a);
+  }
+  int e = 0;  // smallest e with amax <= 32767 * 2^e
+  if (amax > 0.f) {
+    e = std::ilogb(amax) - 14;
+    if (amax > std::ldexp(32767.f, e)) ++e;
+    if (e > 126 || e < -126) return false;
+  }
+  const float p = std::ldexp(1.f, -e);
+  const double xs = amax > 0.f ? std::ldexp(1.0, e - 16) : 0.0;  // a zero row: exactly 0
+  const int64_t Kp = (K + 15) / 16 * 16;
+  std::vector<int16_t> buf(2 * Kp + 16);
+  int16_t* hi = buf.data() + ((32 - (reinterpret_cast<uintptr_t>(buf.data()) & 31)) & 31) / 2;
+  int16_t* lo = hi + Kp;
+  split_digits_i16(xf, K, p, hi, lo);
+  const int64_t quads = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(4 * K, 1));  // >= 64 KB
+  parallel_range(0, quads, grain, [&](int64_t b, int64_t e) {
+    int16_rows_range<T>(w, scale, hi, lo, xs, K, bias, y, b * 4, std::min(N, e * 4));
+  });
+  return true;
+}
+#endif
+
 // ---------------------------------------------------------------- the few-row driver
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
@@ -510,6 +681,10 @@ void linear_int8_few_rows(const at::Tensor& x, const at::Tensor& qw, const at::T
 #if defined(__x86_64__) || defined(_M_X64)
   if constexpr (std::is_same_v<WT, int8_t>)
     if (vnni_few_rows<T>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp)) return;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<WT, int8_t>)
+    if (int16_few_rows<T>(wp, sp, g, xf.data(), M, K, N, bf.data(), yp)) return;
 #endif
   switch (pick_isa()) {
     case Isa::kAvx512:
