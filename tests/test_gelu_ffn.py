@@ -96,6 +96,23 @@ def test_linear_gelu_forward_backward(device, backend, dtype, shape, approximate
            (x, w, b), dtype, backend, ["dx", "dweight", "dbias"])
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_large_pre_activations(approximate):
+    """Pre-activations across +-60 (exp(-2u) of the tanh form overflows fp32 below x ~ -10; erf
+    saturates) and exact zeros, forward and backward, on the cpu kernel (fp32): within the parity rule
+    of the fp64 oracle; no inf/NaN where torch gives a finite value."""
+    if "cpu" not in fastlm.available_backends("linear_gelu"):
+        pytest.skip("the cpu kernel is not built")
+    M, K, N = 3, 1, 121
+    x = torch.tensor([[1.0], [-1.0], [0.0]])
+    w = torch.linspace(-60.0, 60.0, N)[:, None]               # pre-activation = +-w, and 0
+    _check(lambda *t: ops.linear_gelu(*t, approximate=approximate), lambda *t: _eager_linear_gelu(*t, approximate),
+           (x, w, None), torch.float32, "cpu", ["dx", "dweight"])
+    with fastlm.use_backend("cpu"), torch.no_grad():
+        y = ops.linear_gelu(x, w, None, approximate=approximate)
+    assert torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("device,backend,dtype", backend_params("gelu_ffn"))
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_inference_forward(device, backend, dtype, approximate):
