@@ -16,6 +16,7 @@ import torch
 
 import fastlm
 from fastlm import ops
+from fastlm.models import bert as bert_module
 from fastlm.models import Bert, GPT2
 from fastlm.nn.quant_linear import Int8Linear, quantize_int8
 from fastlm.ops.linear_int8 import dequantize_int8_ref
@@ -456,12 +457,46 @@ def test_quantize_w8a8_bert(kind, monkeypatch):
         got = model(ids, attention_mask=mask).last_hidden_state
         with monkeypatch.context() as mp:
             calls = _reference_w8a8(mp)
+            mp.setattr(bert_module, "_w8a8_cpu_kernels", lambda *a: None)   # the module path (ops.linear_w8a8)
             ref = model(ids, attention_mask=mask).last_hidden_state
     assert len(calls) == 2 * (4 if kind == "native" else 6) and min(calls) == 3 * 15
-    if kind == "native":   # fc1's GELU fused into the kernel (at::vec's erf: ulps from torch's gelu kernel)
+    if kind == "native":   # fc1's GELU fused into the kernel (gelu_fast.h's erf: ulps from torch's gelu kernel)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     else:                  # HF's intermediate layer calls its own activation: bit for bit
         assert torch.equal(got, ref)
     err = _rel(got, want)
     print(f"BERT {kind}: W8A8 hidden states relative error vs fp32 {err:.2e}")
     assert err < 0.05
+
+
+@needs_cpu
+@pytest.mark.parametrize("padded", [False, True])
+def test_native_bert_w8a8_cpu_fast_path(padded, monkeypatch):
+    """Native Bert with W8A8 projections, eager inference on the CPU kernels: each layer calls the raw
+    C++ kernels directly (_forward_w8a8_cpu) -- bit for bit the module path through ops.linear_w8a8 and
+    ops.add_layer_norm; one-row inputs and a forced reference backend take the module path."""
+    fp = _hf_bert()
+    model = fastlm.quantize(Bert.from_hf(copy.deepcopy(fp)), weights="int8", activations="int8")
+    ids = _ids(2, 17, 173)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 9:] = 0
+    runs = []
+    fast = bert_module.BertLayer._forward_w8a8_cpu
+
+    def counted(self, *a):
+        runs.append(1)
+        return fast(self, *a)
+    monkeypatch.setattr(bert_module.BertLayer, "_forward_w8a8_cpu", counted)
+    got = model(ids, attention_mask=mask)
+    assert len(runs) == len(model.layers)
+    with monkeypatch.context() as mp:
+        mp.setattr(bert_module, "_w8a8_cpu_kernels", lambda *a: None)
+        want = model(ids, attention_mask=mask)
+    assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+    assert torch.equal(got.pooler_output, want.pooler_output)
+    runs.clear()
+    model(ids[:1, :1])                                   # one row: linear_int8 (W8A32), the module path
+    with fastlm.use_backend("reference"):
+        model(ids, attention_mask=mask)
+    assert runs == []

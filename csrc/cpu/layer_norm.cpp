@@ -1,7 +1,7 @@
 // LayerNorm (optionally on x + residual) forward and backward on the CPU.
 //
 // Tiling: at::parallel_for over rows; each task converts its row to an fp32 scratch row that stays in
-// L1/L2 and makes vectorized (at::vec, AVX2) passes over it: sum -> mean, sum of squared deviations
+// L1/L2 (fp32 rows: read in place, x + residual summed straight into the returned row) and makes vectorized (at::vec, AVX2) passes over it: sum -> mean, sum of squared deviations
 // -> rstd (two-pass, so no cancellation), then the normalized output. One read and one write of
 // the row in memory. Backward: rows are split into one contiguous chunk per thread; each chunk
 // accumulates dweight/dbias in its own fp32 row of a (chunks, N) buffer, summed at the end, so the
@@ -51,10 +51,24 @@ void layer_norm_fwd_rows(const at::Tensor& x, const at::Tensor* residual, const 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> xbuf(N), tmp(rp ? N : 0);
+    std::vector<float> xbuf(std::is_same_v<T, float> ? 0 : N), tmp(rp && !std::is_same_v<T, float> ? N : 0);
     for (int64_t row = begin; row < end; ++row) {
       const float* xf;
-      if (rp) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (rp) {
+          // fp32: summed = x + residual straight into the returned row, normalized from there (no copies)
+          const float* xr = xp + row * sx;
+          const float* rr = rp + row * sr;
+          float* __restrict sr_out = sp + row * N;
+          int64_t i = 0;
+          for (; i + fVec::size() <= N; i += fVec::size())
+            (fVec::loadu(xr + i) + fVec::loadu(rr + i)).store(sr_out + i);
+          for (; i < N; ++i) sr_out[i] = xr[i] + rr[i];
+          xf = sr_out;
+        } else {
+          xf = xp + row * sx;
+        }
+      } else if (rp) {
         // summed = x + residual, rounded to T: the row that is normalized is exactly the one returned.
         row_to_float(xp + row * sx, xbuf.data(), N);
         row_to_float(rp + row * sr, tmp.data(), N);
@@ -65,8 +79,6 @@ void layer_norm_fwd_rows(const at::Tensor& x, const at::Tensor* residual, const 
         row_from_float(xbuf.data(), sp + row * N, N);
         if constexpr (!std::is_same_v<T, float>) row_to_float(sp + row * N, xbuf.data(), N);
         xf = xbuf.data();
-      } else if constexpr (std::is_same_v<T, float>) {
-        xf = xp + row * sx;
       } else {
         row_to_float(xp + row * sx, xbuf.data(), N);
         xf = xbuf.data();
