@@ -17,8 +17,8 @@
 // a scalar dot product in k order. fp32 accumulation; bias added once at the end (out + bias, as linear_fwd).
 // Many rows on AVX-512 (a packed weight from linear_rowwise_pack, or M >= kPackedMinRows): the same
 // values from an outer-product kernel over W packed by k chain (linear_rowwise_packed, below).
-// act: "none", or GELU ("tanh" approximation or exact "erf") applied per output row: full vectors
-// with at::vec then a scalar tail, so an element's value depends on its column only.
+// act: "none", or GELU ("tanh" approximation or exact "erf") applied per output row (gelu_fast.h:
+// exp-based forms, a function of the element's value only).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -35,6 +35,7 @@
 #endif
 
 #include "common.h"
+#include "cpu/gelu_fast.h"
 #include "cpu/linear_tiles.h"
 #include "cpu/vec_utils.h"
 
@@ -342,25 +343,18 @@ void linear_rowwise_packed(const T* xp, int64_t ldx_in, const T* wp, const float
 }
 #endif
 
+// GELU of one output row in place: gelu_fast.h's forms on fp32 values (fp16 / bf16 rows through an
+// fp32 copy); an element's value depends on its own value only, so rows stay batch-invariant.
 template <typename T>
 void gelu_row(T* y, int64_t n, bool tanh_approx) {
-  // on fp32 values: y is converted through an fp32 row
-  std::vector<float> f(n);
-  row_to_float(y, f.data(), n);
-  const int64_t V = fVec::size();
-  int64_t i = 0;
-  const float c = 0.7978845608028654f, a = 0.044715f, r2 = 0.7071067811865476f;
-  for (; i + V <= n; i += V) {
-    fVec x = fVec::loadu(f.data() + i), r;
-    if (tanh_approx) r = fVec(0.5f) * x * (fVec(1.f) + (fVec(c) * (x + fVec(a) * x * x * x)).tanh());
-    else r = fVec(0.5f) * x * (fVec(1.f) + (x * fVec(r2)).erf());
-    r.store(f.data() + i);
+  if constexpr (std::is_same_v<T, float>) {
+    gelu_row_fp32(y, n, tanh_approx);
+  } else {
+    std::vector<float> f(n);
+    row_to_float(y, f.data(), n);
+    gelu_row_fp32(f.data(), n, tanh_approx);
+    row_from_float(f.data(), y, n);
   }
-  for (; i < n; ++i) {
-    const float x = f[i];
-    f[i] = tanh_approx ? 0.5f * x * (1.f + std::tanh(c * (x + a * x * x * x))) : 0.5f * x * (1.f + std::erf(x * r2));
-  }
-  row_from_float(f.data(), y, n);
 }
 
 template <typename T>
