@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
@@ -176,7 +177,9 @@ void paged_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const at:
 #define FASTLM_PA512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
 // kAhead: K and V rows are prefetched into L2 this many 16-key groups ahead of the scores (V's for
 // the P V pass after them); measured 1 thread, 64 decode rows x 300 keys from DRAM: none 10 GB/s of
-// K/V, 1 group to L1 11, 2 groups to L2 14.8-18.2, 4: 15.5, 8: 14.0.
+// K/V, 1 group to L1 11, 2 groups to L2 14.8-18.2, 4: 15.5, 8: 14.0. The P V pass (whose V rows are
+// then in L2) also prefetches the next task's K and V rows into L2, so memory stays busy through it:
+// 12 layers of 64 decode rows x 150-600 keys, 1 thread: 13.0 -> 15.3-16.0 GB/s (plain read 28).
 constexpr int kQB = 12, kAhead = 2;
 
 // 16 vectors of 16 lanes -> one vector whose lane j is the tree sum of v[j].
@@ -221,7 +224,8 @@ template <int NV>
 FASTLM_PA512 void paged_block512(const float* kp, const float* vp, const int32_t* table, int64_t g, int64_t Hkv,
                                  int64_t bs, const float* qrows /* [R][16 NV] */, const int64_t* lens /* [R] */,
                                  int R, float scale, float* S /* [R][ld] */, int64_t ld, float* out /* [R][16 NV] */,
-                                 std::vector<int64_t>& offs) {
+                                 std::vector<int64_t>& offs, const int64_t* next_offs, int64_t next_delta,
+                                 int64_t next_n) {
   constexpr int D = 16 * NV, RB = 24 / NV;
   int64_t lmax = 0, lmin = INT64_MAX;
   for (int r = 0; r < R; ++r) lmax = std::max(lmax, lens[r]), lmin = std::min(lmin, lens[r]);
@@ -288,6 +292,13 @@ FASTLM_PA512 void paged_block512(const float* kp, const float* vp, const int32_t
       for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < lmin; ++j) {
       const float* vr = row_of(vp, j);
+      if (r0 == 0 && j < next_n) {   // the next task's K and V rows, into L2 (see kAhead)
+        const int64_t o = next_offs ? next_offs[j] : off[j] + next_delta;
+        for (int i = 0; i < NV; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(kp + o + 16 * i), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(vp + o + 16 * i), _MM_HINT_T1);
+        }
+      }
       if (j + 16 * kAhead < lmax)
         for (int i = 0; i < NV; ++i)
           _mm_prefetch(reinterpret_cast<const char*>(row_of(vp, j + 16 * kAhead) + 16 * i), _MM_HINT_T0);
@@ -331,10 +342,27 @@ void paged_attention512(const at::Tensor& q, const at::Tensor& kc, const at::Ten
   const float* vp = vc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t q_row = q.stride(0), q_head = q.stride(1), D = d.D, G = d.G, Hkv = d.Hkv;
+  // the rows of task `task` (its block's longest key range) as offsets into either cache
+  auto task_offsets = [&](int64_t task, std::vector<int64_t>& out) {
+    const int64_t b = task / Hkv, g = task % Hkv;
+    int64_t n = 0;
+    for (int64_t t = starts[b]; t < starts[b + 1]; ++t) n = std::max<int64_t>(n, lens[t]);
+    const int32_t* table = bt + int64_t(seq[starts[b]]) * d.max_blocks;
+    out.resize(n);
+    for (int64_t j = 0, blk = 0; j < n; ++blk)
+      for (int64_t r = 0, base = (int64_t(table[blk]) * Hkv + g) * d.bs * D; r < d.bs && j < n; ++r, ++j)
+        out[j] = base + r * D;
+  };
   at::parallel_for(0, nblk * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, S, o;
-    std::vector<int64_t> L, offs;
+    std::vector<int64_t> L, offs, next;
     for (int64_t task = begin; task < end; ++task) {
+      // the next task: the same block's next kv head (its rows: these + bs * D, the same key count),
+      // or another block's (offsets computed)
+      const bool has_next = task + 1 < end;
+      const bool same_block = has_next && (task + 1) / Hkv == task / Hkv;
+      if (has_next && !same_block) task_offsets(task + 1, next);
+      else next.clear();
       const int64_t b = task / Hkv, g = task % Hkv;
       const int64_t t0 = starts[b], nt = starts[b + 1] - t0;
       const int R = static_cast<int>(nt * G);
@@ -354,9 +382,11 @@ void paged_attention512(const at::Tensor& q, const at::Tensor& kc, const at::Ten
       const int32_t* table = bt + int64_t(seq[t0]) * d.max_blocks;
       if (lmax == 0) std::fill(o.begin(), o.end(), 0.f);
       else if (D == 64) paged_block512<4>(kp, vp, table, g, Hkv, d.bs, qf.data(), L.data(), R, scale, S.data(), ld, o.data(),
-                                   offs);
+                                   offs, same_block ? nullptr : next.data(), d.bs * D,
+                                   same_block ? lmax : static_cast<int64_t>(next.size()));
       else paged_block512<8>(kp, vp, table, g, Hkv, d.bs, qf.data(), L.data(), R, scale, S.data(), ld, o.data(),
-                                   offs);
+                                   offs, same_block ? nullptr : next.data(), d.bs * D,
+                                   same_block ? lmax : static_cast<int64_t>(next.size()));
       for (int64_t t = 0; t < nt; ++t)
         for (int64_t h = 0; h < G; ++h)
           std::copy_n(o.data() + (t * G + h) * D, D, op + (t0 + t) * d.H * D + (g * G + h) * D);
