@@ -166,3 +166,22 @@ def test_weights_setting_and_quantize_error(monkeypatch):
         assert common.apply_weights(model) is model and calls == ["int8"]
     finally:
         common.set_weights("fp32")
+
+
+def test_inductor_cache_kept_apart_under_aten_cpu_capability(monkeypatch):
+    """Emulated-AVX2 runs (ATEN_CPU_CAPABILITY) compile into an inductor cache of their own: inductor
+    does not key its cache on the capability, and an AVX2-compiled kernel loaded natively corrupted the
+    heap; a TORCHINDUCTOR_CACHE_DIR the user set is kept; without the variable nothing changes."""
+    from fastlm.bench.common import inductor_cache_for_capability
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    inductor_cache_for_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("_cap_avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/some/where")
+    inductor_cache_for_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/some/where"
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    inductor_cache_for_capability()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

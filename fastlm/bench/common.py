@@ -67,11 +67,28 @@ def max_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
     return (out.detach().double() - oracle.detach().double()).abs().max().item()
 
 
+def inductor_cache_for_capability() -> None:
+    """Under ATEN_CPU_CAPABILITY (the emulated-AVX2 benchmark runs) with no TORCHINDUCTOR_CACHE_DIR of
+    the user's: point inductor at a cache of its own for that capability. Inductor's cache does not key
+    on ATEN_CPU_CAPABILITY: a CPU kernel compiled under ATEN_CPU_CAPABILITY=avx2 and then loaded by a
+    native AVX-512 process corrupted the heap here (torch 2.14.1: "double free or corruption" in a
+    torch.compile'd LayerNorm, reproduced without fastlm)."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if cap and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        import getpass
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_cap_{cap.lower()}")
+
+
 def compile_or_none(fn):
     """torch.compile(fn), or None where inductor cannot run here (reported as a missing contender) or
-    FASTLM_BENCH_COMPILE=0 (inductor's compile costs ~10-30 s a case: skipped when device time is short)."""
+    FASTLM_BENCH_COMPILE=0 (inductor's compile costs ~10-30 s a case: skipped when device time is short).
+    Under ATEN_CPU_CAPABILITY, inductor's cache is kept apart (inductor_cache_for_capability)."""
     if os.environ.get("FASTLM_BENCH_COMPILE", "1") == "0":
         return None
+    inductor_cache_for_capability()
     try:
         return torch.compile(fn, dynamic=False)
     except Exception:  # noqa: BLE001
