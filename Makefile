@@ -19,7 +19,8 @@ HAS_GPU = $(shell $(BIN)/python -c 'import torch,sys; sys.stdout.write("1" if to
 
 # CPU-kernel test files run a second time on an AVX-512 host with fastlm's AVX2 kernels forced.
 AVX2_TESTS := tests/test_linear.py tests/test_layer_norm.py tests/test_gelu_ffn.py tests/test_decode.py \
-              tests/test_attention.py tests/test_paged_attention.py tests/test_linear_int8.py tests/test_linear_argmax.py
+              tests/test_attention.py tests/test_paged_attention.py tests/test_linear_int8.py tests/test_linear_argmax.py \
+              tests/test_linear_w8a8.py
 
 .PHONY: test bench gpu-check build venv clean
 

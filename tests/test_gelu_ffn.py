@@ -97,7 +97,7 @@ def test_linear_gelu_forward_backward(device, backend, dtype, shape, approximate
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_linear_gelu_large_pre_activations(approximate):
+def test_linear_gelu_large_pre_activations_cpu(approximate):
     """Pre-activations across +-60 (exp(-2u) of the tanh form overflows fp32 below x ~ -10; erf
     saturates) and exact zeros, forward and backward, on the cpu kernel (fp32): within the parity rule
     of the fp64 oracle; no inf/NaN where torch gives a finite value."""
