@@ -150,13 +150,14 @@ int64_t block_rows(int64_t F) {
 inline fVec gelu_vec(fVec x, bool tanh_approx) {
 #if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
   return fVec(tanh_approx ? fastlm::cpu::gelu_tanh256(x) : fastlm::cpu::gelu_erf256(x));
-#endif
+#else
   const fVec half(0.5f), one(1.f);
   if (tanh_approx) {
     const fVec u = fVec(kGeluSqrt2OverPi) * at::vec::fmadd(fVec(kGeluCoeff) * x * x, x, x);
     return half * x * (one + u.tanh());
   }
   return half * x * (one + (x * fVec(kGeluSqrt1_2)).erf());
+#endif
 }
 
 // gelu(x) and gelu'(x) together (one tanh or one erf + exp).

@@ -62,9 +62,9 @@ class BertSettings:
 
 def _w8a8_cpu_kernels(layer: "BertLayer", x2: Tensor):
     """(w8a8, ln) raw C++ kernels for a W8A8 layer's eager inference call on rows x2 (M, H), or None
-    where the ops would choose otherwise (see BertLayer._fast): w8a8 = fastlm_C.linear_w8a8_fwd when
+    where the ops would choose otherwise (BertLayer._forward_w8a8_cpu): w8a8 = fastlm_C.linear_w8a8_fwd when
     the linear_w8a8 op picks "cpu" for these rows; ln = fastlm_C.layer_norm_fwd when add_layer_norm's
-    kernel() picks it. Memoized per (dtype, rows bucket, forced backend, choice epoch)."""
+    kernel() picks it. Memoized per (dtype, rows, forced backend, choice epoch)."""
     from fastlm import backends
     from fastlm.ops.linear_w8a8 import OP as W8A8_OP, _supports as w8a8_supports
     from fastlm.ops.layer_norm import kernel as layer_norm_kernel
