@@ -10,7 +10,8 @@ family in fastlm/ops registers the backends that implement it (`register_op`) an
 - "auto" (the default) is measured: per key -- (op, device type, platform (the CPU's ISA path or the
   GPU's name), the op's own part: dtype, a shape bucket, whether gradients are needed, ...) -- the
   first eager call times every available backend that supports it on the call's own inputs (a
-  warm-up, then up to `_REPS` runs within a time budget, the median), checks each result against
+  warm-up each, then up to `_REPS` interleaved rounds within a time budget, each round timing every
+  backend once in a rotated order, the median over rounds), checks each result against
   torch's with the parity rule (`_parity`: at most 2x torch's own error against an upcast oracle,
   3x for gradients, plus an atol floor), excludes a backend that disagrees (one warning naming it)
   and keeps the fastest. "torch" is always a contender and the final fallback. The choice is cached
@@ -402,7 +403,9 @@ def run_on(op: str, backend: str, fn: Callable, *args):
 
 # ---- measuring ----
 
-_REPS = 5
+_REPS = 7             # interleaved rounds (fewer where the budget runs out; at least one)
+_MIN_SAMPLE_S = 2e-4  # a sample times enough calls to last this long (timer resolution, call jitter) ...
+_MAX_INNER = 64       # ... up to this many
 _BUDGET_S = float(os.environ.get("FASTLM_AUTOTUNE_BUDGET_MS", "1500")) / 1000.0   # per key, all backends
 
 
@@ -447,28 +450,18 @@ def _measure(op, dev, supports, measure, full, check) -> str:
     device = full[1]
     deadline = time.perf_counter() + _BUDGET_S
     results: dict[str, tuple] = {}
-    times: dict[str, float] = {}
+    inner: dict[str, int] = {}
     # torch first: its result is the comparison, and its time the bar
     order = ["torch"] + [c for c in cands if c != "torch"] if "torch" in cands else cands
-    per_backend = _BUDGET_S / len(order)
-    for name in order:
+    for name in order:   # warm-up: each backend's result (for the parity check) and its cost per call
         try:
             _sync(device)
-            t0 = time.perf_counter()
             out = _as_tuple(measure(name))
             _sync(device)
-            first = time.perf_counter() - t0
-            samples = []
-            n = max(1, min(_REPS, int(per_backend / max(first, 1e-6))))
-            for _ in range(n):
-                if samples and time.perf_counter() > deadline:
-                    break
-                t0 = time.perf_counter()
-                measure(name)
-                _sync(device)
-                samples.append(time.perf_counter() - t0)
-            if not samples:
-                samples = [first]
+            t0 = time.perf_counter()
+            measure(name)
+            _sync(device)
+            est = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001  (a backend that fails on this call is excluded, not fatal)
             if name == "torch":
                 raise
@@ -476,7 +469,22 @@ def _measure(op, dev, supports, measure, full, check) -> str:
             _warn_excluded(op, name, rec)
             continue
         results[name] = out
-        times[name] = statistics.median(samples) * 1e3
+        inner[name] = max(1, min(_MAX_INNER, int(_MIN_SAMPLE_S / max(est, 1e-7))))
+    # Interleaved rounds: each round times every backend once (`inner` calls, a sample >= ~0.2 ms), the
+    # order rotated from round to round; the median over rounds. A host whose speed drifts, or a stall
+    # during one sample, then moves every backend alike instead of deciding the pick.
+    samples: dict[str, list] = {name: [] for name in results}
+    names = list(results)
+    for r in range(_REPS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                measure(name)
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+        if time.perf_counter() > deadline:
+            break
+    times = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
     rec["times_ms"] = dict(times)
     if "torch" in results and len(results) > 1:
         try:

@@ -113,6 +113,59 @@ def test_a_raising_backend_is_excluded(toy):
 
 
 @needs_cpu
+def test_timed_rounds_interleave_the_backends(toy):
+    """After one warm-up each, every round times every backend once (the order rotated), so a host
+    whose speed drifts moves all backends alike: the timed calls alternate between the backends."""
+    x = torch.randn(8)
+    calls = []
+    _select(x, _measure(x, slow=("torch", "cpu"), calls=calls))   # ~3 ms a call: one call a sample
+    timed = [b for b, up in calls if not up][4:]                   # after the warm-ups (2 calls each)
+    assert len(timed) >= 4
+    pairs = [set(timed[i:i + 2]) for i in range(0, len(timed) - 1, 2)]
+    assert all(p == {"torch", "cpu"} for p in pairs), timed
+
+
+@needs_cpu
+def test_one_stalled_sample_does_not_decide_the_pick(toy):
+    """A stall (another process, a page fault) during one of the faster backend's samples: the median
+    over the interleaved rounds still picks it."""
+    x = torch.randn(8)
+    n = {"cpu": 0}
+
+    def measure(backend, upcast=False):
+        if backend == "torch" and not upcast:
+            time.sleep(0.004)
+        if backend == "cpu":
+            n["cpu"] += 1
+            if n["cpu"] == 4:                     # the second timed round's sample
+                time.sleep(0.05)
+            time.sleep(0.001)
+        return x.double() * 2 if upcast else x * 2
+    assert _select(x, measure) == "cpu"
+    (rec,) = [r for r in backends.cached_choices() if r["op"] == TOY]
+    assert rec["times_ms"]["cpu"] < rec["times_ms"]["torch"]
+
+
+@needs_cpu
+def test_direct_layer_norm_kernel_is_measured_as_called(toy):
+    """layer_norm.kernel() (the decode step's LayerNorm) is chosen under its own key, timing the raw
+    kernel against torch's add + F.layer_norm, and what it returns computes the LayerNorm."""
+    from fastlm.ops.layer_norm import kernel
+    x, r = torch.randn(1, 96), torch.randn(1, 96)
+    w, b = torch.randn(96), torch.randn(96)
+    backend, fn = kernel(x, r, w, b)
+    (rec,) = [c for c in backends.cached_choices() if c["op"] == "add_layer_norm"]
+    assert rec["key"].endswith("direct") and set(rec["times_ms"]) == {"cpu", "torch"} and not rec["excluded"]
+    assert backend == rec["backend"] and (fn is None) == (backend == "torch")
+    if fn is not None:
+        out, summed, _, _ = fn(x, r, w, b, 1e-5)
+        torch.testing.assert_close(summed, x + r)
+        torch.testing.assert_close(out, F.layer_norm(x + r, (96,), w, b), atol=1e-5, rtol=1e-5)
+    ops.add_layer_norm(x, r, (96,), w, b)         # the public op: its own key, measured through the op
+    assert len([c for c in backends.cached_choices() if c["op"] == "add_layer_norm"]) == 2
+
+
+@needs_cpu
 def test_autotune_off_keeps_the_static_order(toy, monkeypatch):
     monkeypatch.setenv("FASTLM_AUTOTUNE", "0")
     x = torch.randn(8)

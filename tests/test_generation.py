@@ -304,6 +304,33 @@ def test_cpp_layer_loop_quantized_matches_python_loop(hf_small, monkeypatch, B, 
         assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cpp_layer_loop_runs_where_torch_layer_norm_was_picked(hf_small, monkeypatch, quantized):
+    """At decode rows the measured auto may pick torch's LayerNorm (the two take a few microseconds
+    each); the step still loops in C++ (saving ~100 Python op calls a step) with fastlm's LayerNorm,
+    and gives the Python loop's logits."""
+    import fastlm.models.gpt2 as gpt2_mod
+    model = GPT2.from_hf(hf_small)
+    if quantized:
+        model = fastlm.quantize(model, weights="int8")
+    monkeypatch.setattr(gpt2_mod, "layer_norm_kernel", lambda *a: ("torch", None))
+    calls = []
+    real = torch.ops.fastlm_C.decode_layers
+    monkeypatch.setattr(torch.ops.fastlm_C, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(1, hf_small.config.vocab_size, (1, 7))
+    runs = []
+    with fastlm.use_backend("cpu"):        # linear and attention on their C++ kernels
+        for fused in ("1", "0"):
+            monkeypatch.setenv("FASTLM_DECODE_LAYERS", fused)
+            cache = model.new_cache(1, 12)
+            logits = [model.prefill(ids, cache)]
+            for _ in range(3):
+                logits.append(model.decode_step(logits[-1].argmax(-1), cache))
+            runs.append(torch.stack(logits))
+    assert len(calls) == 3                 # every step of the fused run
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
+
+
 def test_cpp_layer_loop_checks_quantized_inputs(hf_small):
     model = fastlm.quantize(GPT2.from_hf(hf_small), weights="int8")
     cache = model.new_cache(2, 8)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops import _checks
-from fastlm.ops._impl import bucket, eager_inference, kernel_impl, measurer, needs_grad
+from fastlm.ops._impl import _wide, bucket, eager_inference, kernel_impl, measurable, measurer, needs_grad
 
 OP_LAYER_NORM, OP_ADD_LAYER_NORM = "layer_norm", "add_layer_norm"
 _CPP_OPS = ("layer_norm_fwd", "layer_norm_bwd")
@@ -77,19 +77,43 @@ def _forward(x, residual, weight, bias, eps):
 
 
 def kernel(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor]):
-    """(backend, fn): the forward kernel the public op (add_layer_norm with a residual, else
-    layer_norm) runs for inference on rows like these; fn(x, residual, weight, bias, eps) ->
-    (out, summed, mean, rstd) without checks, or None where the choice is torch's op (call the public
-    op then). For callers that make many calls of one shape (the native GPT-2's decode step)."""
+    """(backend, fn): the forward kernel for rows like these, called directly; fn(x, residual, weight,
+    bias, eps) -> (out, summed, mean, rstd) without checks, or None where the choice is torch's op
+    (call the public op then). For callers that make many calls of one shape (the native GPT-2's
+    decode step). The choice is measured on what such a caller runs -- the raw kernel against torch's
+    add + F.layer_norm -- under its own key: at a few rows the public op's checks and dispatch (~10-20
+    us) outweigh the kernel (~1-3 us), so the public op's choice would mostly time its own overhead."""
     op = OP_ADD_LAYER_NORM if residual is not None else OP_LAYER_NORM
-    n = x.shape[-1]
-    if residual is not None:
-        measure = measurer(lambda i, r, w_, b_: add_layer_norm(i, r, (n,), w_, b_), (x, residual, weight, bias), False)
-    else:
-        measure = measurer(lambda i, w_, b_: layer_norm(i, (n,), w_, b_), (x, weight, bias), False)
-    backend = backends.select(op, x.device, _supports(x, (weight, bias)), key=_key(x, weight, bias, False),
-                              measure=measure)
+    backend = backends.select(op, x.device, _supports(x, (weight, bias)), key=_key(x, weight, bias, False) + ("direct",),
+                              measure=_direct_measurer(x, residual, weight, bias))
     return backend, (None if backend == "torch" else _fwd_impl(backend))
+
+
+def _direct_measurer(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor]):
+    """measure(backend, upcast=False) for kernel(): the raw kernel, or torch's add + F.layer_norm (with
+    upcast: on float64 copies, the oracle); returns (out,) or (out, summed). Parameters detached (no
+    graph, no grad-mode switch a call): a call here is a few microseconds, and the timing should be the
+    kernels', not the measuring's."""
+    n = x.shape[-1]
+    w, b = (None if t is None else t.detach() for t in (weight, bias))
+    impls: dict = {}
+
+    def measure(backend: str, upcast: bool = False):
+        if upcast:
+            i, r, w_, b_ = (_wide(t) for t in (x, residual, w, b))
+            s = i if r is None else i + r
+            out = F.layer_norm(s, (n,), w_, b_)
+            return (out,) if r is None else (out, s)
+        if backend == "torch":
+            if residual is None:
+                return (F.layer_norm(x, (n,), w, b),)
+            s = x + residual
+            return (F.layer_norm(s, (n,), w, b), s)
+        fn = impls.get(backend) or impls.setdefault(backend, _fwd_impl(backend))
+        out, summed, _, _ = fn(x, residual, w, b, 1e-5)
+        return (out,) if residual is None else (out, summed)
+    measure.measurable = measurable(x, residual, weight, bias)
+    return measure
 
 
 @layer_norm_fwd.register_fake
