@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -185,3 +186,31 @@ def test_inductor_cache_kept_apart_under_aten_cpu_capability(monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     inductor_cache_for_capability()
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_cpu_contenders_are_timed_interleaved():
+    """time_cpu_interleaved: after each contender's warm-up and timed call, every round runs each
+    contender's block once in a rotated order; a contender that raises gets its exception, the others
+    still get timings; the slower contender's median is the larger."""
+    from fastlm.bench.timer import Timing, time_cpu_interleaved
+    log = []
+
+    def make(name, sleep):
+        def fn():
+            log.append(name)
+            time.sleep(sleep)
+        return fn
+
+    def broken():
+        raise RuntimeError("no kernel")
+    res = time_cpu_interleaved({"a": make("a", 0.002), "b": make("b", 0.006), "c": broken}, quick=True,
+                               min_rounds=3, max_rounds=3)
+    assert isinstance(res["c"], RuntimeError) and list(res) == ["a", "b", "c"]
+    assert isinstance(res["a"], Timing) and isinstance(res["b"], Timing)
+    assert res["b"].median_ms > res["a"].median_ms >= 2.0
+    na, nb = res["a"].runs // 3, res["b"].runs // 3             # calls per block
+    rounds = log[4:]                                            # after warm-up + timed call of a and b
+    blocks = [rounds[:na], rounds[na:na + nb]]                  # round 0: a then b
+    assert blocks == [["a"] * na, ["b"] * nb]
+    assert rounds[na + nb:na + nb + nb] == ["b"] * nb           # round 1 starts with b (rotated)
+    assert len(rounds) == 3 * (na + nb)

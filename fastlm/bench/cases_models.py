@@ -173,7 +173,7 @@ def _make(arch: str, B: int, S: int, train: bool):
             return errs
 
         return Bound(impls=impls, tokens=B * S, flops=_flops(cfg, arch, B, S, train), check=check,
-                     baseline="hf eager")
+                     baseline="hf eager", interleave=models.keep_all)   # one model alive: one after another
     return make
 
 

@@ -32,6 +32,8 @@ class Bound:
     tokens: float = 0.0                              # tokens per call (end to end): tokens/s
     check: Callable[[], dict[str, float]] | None = None  # label -> max abs error vs the reference
     baseline: str | None = None                      # label the speedups are relative to (torch's own path)
+    interleave: bool = True                          # CPU: time the contenders round by round (False:
+                                                     # one after another, e.g. when only one fits in memory)
 
     @property
     def auto_labels(self) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 
 from fastlm.bench import registry
 from fastlm.bench.peaks import measure_peaks
-from fastlm.bench.timer import time_fn
+from fastlm.bench.timer import time_cpu_interleaved, time_fn
 
 
 def environment(device: torch.device) -> dict:
@@ -98,12 +98,19 @@ def run_case(case: registry.Case, device: torch.device, dtype: torch.dtype, peak
             row["error"] = f"parity check failed: {e!r}"
     base_ms = None
     auto_labels = set(bound.auto_labels)
+    # CPU: the contenders interleaved round by round (one process, one drift); CUDA: one after another
+    timings = time_cpu_interleaved(bound.impls, quick) if device.type == "cpu" and bound.interleave else None
     for label, fn in bound.impls.items():
         try:
-            t = time_fn(fn, device, quick)
+            if timings is not None:
+                t = timings[label]
+                if isinstance(t, Exception):
+                    raise t
+            else:
+                t = time_fn(fn, device, quick)
         except Exception as e:  # noqa: BLE001
             row["results"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            traceback.print_exc()
+            traceback.print_exception(e)
             continue
         r = {"ms": t.median_ms, "q20_ms": t.q20_ms, "q80_ms": t.q80_ms}
         sec = t.median_ms * 1e-3

@@ -1,11 +1,14 @@
 """Timers. CUDA: CUDA events around each call, L2 flushed before each (a 256 MB write), warm-up,
 median and [0.2, 0.8] quantiles. CPU: torch.utils.benchmark (blocked autorange), same statistics
-over its blocks."""
+over its blocks. Several contenders on the CPU: `time_cpu_interleaved`, rounds that time each once in
+a rotated order (the host's speed drifts over minutes; back-to-back timings turned that drift into
+ratios)."""
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+import time
+from typing import Callable, Dict, Union
 
 import torch
 
@@ -74,3 +77,47 @@ def time_cpu(fn: Callable[[], object], quick: bool = False) -> Timing:
 
 def time_fn(fn: Callable[[], object], device: torch.device, quick: bool = False) -> Timing:
     return time_cuda(fn, quick) if device.type == "cuda" else time_cpu(fn, quick)
+
+
+def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], quick: bool = False,
+                         min_rounds: int = 3, max_rounds: int = 15) -> Dict[str, Union[Timing, Exception]]:
+    """Time several CPU callables against each other: a warm-up call and a timed call each (the block
+    size: enough calls for ~0.05 s, 0.1 s without quick), then rounds -- each times every callable's
+    block once, the order rotated round to round -- until every callable has had its share of the
+    time budget (0.3 s each with quick, 1 s without) and at least `min_rounds` rounds. Statistics per
+    call over the rounds. A callable that raises gets its exception instead of a Timing."""
+    block_s = 0.05 if quick else 0.1
+    budget_s = (0.3 if quick else 1.0) * len(fns)
+    number: Dict[str, int] = {}
+    out: Dict[str, Union[Timing, Exception]] = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            est = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - reported per contender
+            out[name] = e
+            continue
+        number[name] = max(1, int(block_s / max(est, 1e-7)))
+    names = list(number)
+    samples: Dict[str, list] = {n: [] for n in names}
+    spent, rounds = 0.0, 0
+    while names and (rounds < min_rounds or (spent < budget_s and rounds < max_rounds)):
+        r0 = time.perf_counter()
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            fn, k = fns[name], number[name]
+            try:
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / k * 1e3)
+            except Exception as e:  # noqa: BLE001
+                out[name] = e
+        names = [n for n in names if n not in out]
+        spent += time.perf_counter() - r0
+        rounds += 1
+    for name in names:
+        xs = samples[name]
+        out[name] = Timing(statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8), number[name] * len(xs))
+    return {n: out[n] for n in fns}
