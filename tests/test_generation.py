@@ -304,6 +304,35 @@ def test_cpp_layer_loop_quantized_matches_python_loop(hf_small, monkeypatch, B, 
         assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_cpp_layer_loop_bf16_weights_matches_python_loop(hf_small, monkeypatch, B):
+    """bf16 weights (fastlm.quantize(weights="bf16")) under fp32 activations: the decode step loops in
+    C++ with linear_w16_fwd (what ops.linear_bf16w calls): logits and cache bit for bit the Python
+    loop's, and the Python loop's the modules' (ops.linear_bf16w)."""
+    fastlm._ext.load()
+    model = fastlm.quantize(GPT2.from_hf(hf_small), weights="bf16")
+    ids = torch.randint(1, hf_small.config.vocab_size, (B, 9))
+    calls = []
+    real = torch.ops.fastlm_C.decode_layers
+    monkeypatch.setattr(torch.ops.fastlm_C, "decode_layers", lambda *a: calls.append(len(a[2])) or real(*a))
+    runs = []
+    with fastlm.use_backend("cpu"):
+        for fused in ("1", "0", "modules"):
+            monkeypatch.setenv("FASTLM_DECODE_LAYERS", "1" if fused == "1" else "0")
+            if fused == "modules":         # the Python loop through the modules themselves
+                monkeypatch.setattr(type(model), "_quant_linear", lambda self, x: (lambda mod, x: mod(x)))
+            cache = model.new_cache(B, 16)
+            logits = [model.prefill(ids, cache)]
+            for _ in range(4):
+                logits.append(model.decode_step(logits[-1].argmax(-1), cache))
+            n = int(cache.lengths.max())
+            runs.append((torch.stack(logits), cache.k[:, :, :, :n].clone(), cache.v[:, :, :, :n].clone()))
+    assert calls == [12 * len(model.blocks)] * 4
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_cpp_layer_loop_runs_where_torch_layer_norm_was_picked(hf_small, monkeypatch, quantized):
     """At decode rows the measured auto may pick torch's LayerNorm (the two take a few microseconds

@@ -12,6 +12,8 @@
 // 12 below with each projection's qweight in place of its weight, then the 4 scales; 20 with the 4
 // W8A8 packed weights after those, for W8A8 steps of 2+ rows): each projection is then
 // linear_int8_fwd (W8A32) or linear_w8a8_fwd, again the kernel the Python step calls.
+// bf16 weights (fastlm.quantize(weights="bf16")) under fp32 / fp16 activations: the 12 tensors with
+// bf16 projection weights, each projection linear_w16_fwd (what ops.linear_bf16w calls).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/gelu.h>
 #include <torch/library.h>
@@ -46,6 +48,13 @@ at::Tensor call_linear_int8(const at::Tensor& x, const at::Tensor& q, const at::
           .findSchemaOrThrow("fastlm_C::linear_int8_fwd", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&)>();
   return op.call(x, q, scale, b);
+}
+
+at::Tensor call_linear_w16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastlm_C::linear_w16_fwd", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&)>();
+  return op.call(x, w, b);
 }
 
 at::Tensor call_linear_w8a8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& b,
@@ -93,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
   check_same_shape(h0, x0, kOp, "h");
   FASTLM_CHECK(!weights.empty() && weights[0].defined(), kOp, "weights must not be empty");
   const bool int8 = weights[0].scalar_type() == at::kChar;
+  // bf16 weights under wider activations (bf16 activations: the plain path, linear_fwd on bf16)
+  const bool w16 = weights[0].scalar_type() == at::kBFloat16 && x0.scalar_type() != at::kBFloat16;
   const int64_t E = static_cast<int64_t>(weights.size());
   const int64_t Lc = k_cache.dim() > 0 ? k_cache.size(0) : 0;  // the layer count, by the cache
   const int64_t per = !int8 ? kPerLayer : (Lc > 0 && E == Lc * kPerLayerW8A8) ? kPerLayerW8A8 : kPerLayerInt8;
@@ -119,8 +130,9 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
     // quantized: the projections' qweights int8, their scales fp32, the packed weights uint8; the rest
     // (biases, LayerNorms) in x's dtype (each kernel checks its own shapes)
     const int64_t j = i % per;
-    const bool q = int8 && (j == 0 || j == 2 || j == 6 || j == 8);
-    const at::ScalarType want = q ? at::kChar
+    const bool proj = j == 0 || j == 2 || j == 6 || j == 8;
+    const at::ScalarType want = (int8 && proj) ? at::kChar
+                                : (w16 && proj) ? at::kBFloat16
                                 : (int8 && j >= kPerLayerInt8) ? at::kByte
                                 : (int8 && j >= kPerLayer)     ? at::kFloat
                                                                : x0.scalar_type();
@@ -137,6 +149,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers_cpu(const at::Tensor& x0, const
     const at::Tensor* w = weights.data() + l * per;
     // projection i (0 c_attn, 1 c_proj, 2 fc, 3 proj): weight w[wi], bias w[wi + 1]
     auto linear = [&](const at::Tensor& in, int i, int64_t wi) {
+      if (w16) return call_linear_w16(in, w[wi], w[wi + 1]);
       if (!int8) return call_linear(in, w[wi], w[wi + 1]);
       if (w8a8) return call_linear_w8a8(in, w[wi], w[kPerLayer + i], w[wi + 1], w[kPerLayerInt8 + i]);
       return call_linear_int8(in, w[wi], w[kPerLayer + i], w[wi + 1]);

@@ -26,7 +26,7 @@ from fastlm.ops.linear import kernel as linear_kernel
 # 512x768->2304 4.2 ms vs 9.2 ms for ops.linear's BLAS), == F.linear elsewhere.
 from fastlm.ops.linear import dense_linear as _dense_linear
 from fastlm.nn import LayerNorm, StaticKVCache
-from fastlm.nn.quant_linear import QUANT_LINEARS, Int8Linear
+from fastlm.nn.quant_linear import QUANT_LINEARS, Bf16Linear, Int8Linear
 
 
 def _proj(mod: torch.nn.Module, x: Tensor) -> Tensor:
@@ -315,10 +315,12 @@ class GPT2(torch.nn.Module):
             return hit
         lin, ln, att = self._generic_kernels()
         blk = self.blocks[0]
-        hidden = x.new_zeros((x.shape[0], blk.fc.weight.shape[0]))
-        picks = {linear_kernel(inp, w, b)[1] for inp, w, b in (
+        # a quantized model's projections are chosen by _quant_linear (their weights are not Linear's:
+        # asking ops.linear about them raised under a forced backend)
+        picks = set() if self.quantized else {linear_kernel(inp, w, b)[1] for inp, w, b in (
             (x, blk.c_attn.weight, blk.c_attn.bias), (x, blk.c_proj.weight, blk.c_proj.bias),
-            (x, blk.fc.weight, blk.fc.bias), (hidden, blk.proj.weight, blk.proj.bias))}
+            (x, blk.fc.weight, blk.fc.bias),
+            (x.new_zeros((x.shape[0], blk.fc.weight.shape[0])), blk.proj.weight, blk.proj.bias))}
         lin_cpp = ln_cpp = False
         if len(picks) == 1:
             lin = picks.pop()
@@ -387,8 +389,19 @@ class GPT2(torch.nn.Module):
         """fastlm_C::decode_layers' `weights` for a quantized model's step on x (B, C): per block the
         fp32 list with each projection's qweight for its weight, then the 4 scales (W8A32: what
         _quant_linear's raw linear_int8_fwd computes) and, where the step's projections are W8A8 (2+
-        rows), the 4 packed weights. None where the step must go through the modules."""
+        rows), the 4 packed weights; bf16 weights (proj.raw linear_w16_fwd): the fp32 list's 12 with
+        the bf16 projection weights. None where the step must go through the modules."""
         layers = self._layer_modules()
+        if getattr(proj, "raw", None) is torch.ops.fastlm_C.linear_w16_fwd:   # bf16 weights: 12 a layer
+            out = []
+            for mods in layers:
+                for i, m in enumerate(mods):
+                    w, b = _tensor(m, "weight"), _tensor(m, "bias")
+                    if i in (0, 1, 3, 4) and (type(m) is not Bf16Linear or b is None or b.dtype != x.dtype
+                                              or not w.is_contiguous()):
+                        return None
+                    out += [w, b]
+            return out
         for mods in layers:
             for m in (mods[0], mods[1], mods[3], mods[4]):
                 b = _tensor(m, "bias") if type(m) is Int8Linear else None
@@ -495,6 +508,16 @@ class GPT2(torch.nn.Module):
                 proj = lambda mod, x: mod(x)  # noqa: E731
                 proj.raw, proj.w8a8 = None, True
                 return proj
+        if (x.device.type == "cpu" and not torch.compiler.is_compiling() and isinstance(self.blocks[0].c_attn, Bf16Linear)
+                and x.dtype in (torch.float32, torch.float16) and _ext.has_kernel("linear_w16_fwd", "CPU")):
+            # bf16 weights: the kernel ops.linear_bf16w calls on these inputs (fp32 / fp16 rows, bias in
+            # the rows' dtype, contiguous bf16 weight: what _quant_layer_weights checks per module)
+            raw = torch.ops.fastlm_C.linear_w16_fwd
+
+            def proj(mod, x):
+                return raw(x, mod.weight, mod.bias)
+            proj.raw, proj.w8a8 = raw, False
+            return proj
         return lambda mod, x: mod(x)
 
     def _decode_step_quantized(self, h: Tensor, cache: StaticKVCache, idx: Tensor, lens: Tensor, scale: float,
