@@ -477,13 +477,24 @@ def _measure(op, dev, supports, measure, full, check) -> str:
     names = list(results)
     for r in range(_REPS):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                measure(name)
-            _sync(device)
+            try:
+                t0 = time.perf_counter()
+                for _ in range(inner[name]):
+                    measure(name)
+                _sync(device)
+            except Exception as e:  # noqa: BLE001  (as in the warm-up: excluded, not fatal)
+                if name == "torch":
+                    raise
+                rec["excluded"][name] = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                _warn_excluded(op, name, rec)
+                continue
             samples[name].append((time.perf_counter() - t0) / inner[name])
-        if time.perf_counter() > deadline:
+        names = [n for n in names if n not in rec["excluded"]]
+        if time.perf_counter() > deadline or not names:
             break
+    for name in list(results):
+        if name in rec["excluded"]:
+            del results[name], samples[name]
     times = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
     rec["times_ms"] = dict(times)
     if "torch" in results and len(results) > 1:

@@ -113,6 +113,26 @@ def test_a_raising_backend_is_excluded(toy):
 
 
 @needs_cpu
+def test_a_backend_raising_in_the_timed_rounds_is_excluded(toy):
+    """A kernel that fails only after its warm-up (its third call: the first timed round) is excluded
+    as one failing on the first call is; the call gets torch."""
+    x = torch.randn(8)
+    ok = _measure(x)
+    n = {"cpu": 0}
+
+    def measure(backend, upcast=False):
+        if backend == "cpu":
+            n["cpu"] += 1
+            if n["cpu"] >= 3:
+                raise RuntimeError("fails later")
+        return ok(backend, upcast)
+    with pytest.warns(backends.AutotuneWarning, match="fails later"):
+        assert _select(x, measure) == "torch"
+    (rec,) = [r for r in backends.cached_choices() if r["op"] == TOY]
+    assert "cpu" in rec["excluded"] and set(rec["times_ms"]) == {"torch"}
+
+
+@needs_cpu
 def test_timed_rounds_interleave_the_backends(toy):
     """After one warm-up each, every round times every backend once (the order rotated), so a host
     whose speed drifts moves all backends alike: the timed calls alternate between the backends."""
