@@ -5,10 +5,11 @@ a rotated order (the host's speed drifts over minutes; back-to-back timings turn
 ratios)."""
 from __future__ import annotations
 
+import os
 import statistics
-from dataclasses import dataclass
 import time
-from typing import Callable, Dict, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -80,12 +81,16 @@ def time_fn(fn: Callable[[], object], device: torch.device, quick: bool = False)
 
 
 def time_cpu_interleaved(fns: Dict[str, Callable[[], object]], quick: bool = False,
-                         min_rounds: int = 3, max_rounds: int = 15) -> Dict[str, Union[Timing, Exception]]:
+                         min_rounds: Optional[int] = None, max_rounds: int = 15) -> Dict[str, Union[Timing, Exception]]:
     """Time several CPU callables against each other: a warm-up call and a timed call each (the block
     size: enough calls for ~0.05 s, 0.1 s without quick), then rounds -- each times every callable's
     block once, the order rotated round to round -- until every callable has had its share of the
     time budget (0.3 s each with quick, 1 s without) and at least `min_rounds` rounds. Statistics per
-    call over the rounds. A callable that raises gets its exception instead of a Timing."""
+    call over the rounds. A callable that raises gets its exception instead of a Timing.
+    min_rounds: default 3, or FASTLM_BENCH_MIN_ROUNDS (more rounds for noisy hosts or close calls)."""
+    if min_rounds is None:
+        min_rounds = int(os.environ.get("FASTLM_BENCH_MIN_ROUNDS", "3"))
+    max_rounds = max(max_rounds, min_rounds)
     block_s = 0.05 if quick else 0.1
     budget_s = (0.3 if quick else 1.0) * len(fns)
     number: Dict[str, int] = {}
